@@ -1,0 +1,39 @@
+# Two entry points for a fresh machine (Python >= 3.10): `make reproduce` and `make test`.
+# Each creates .venv if missing and installs the package with its dev extra at the pinned versions.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Exact pins for a reproducible environment (package metadata keeps ranges).
+PINS := torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 'nbdev>=2.4,<3' 'fastcore<2' 'execnb<0.2'
+RUNS ?= runs
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup reproduce test check-sync bench clean
+
+$(BIN)/.installed: setup.py settings.ini
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(PINS)
+	$(BIN)/python -m pip install -q -e '.[dev]' $(PINS)
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(BIN)/.installed
+
+reproduce: setup
+	$(BIN)/python -m adamerging_nb.cli reproduce --out $(RUNS)
+
+test: setup
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest -q tests
+
+# CI: notebooks and package must agree, and notebooks must be clean.
+check-sync: setup
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	@git status --porcelain -- nbs adamerging_nb | tee /tmp/adamerging-sync.txt
+	@test ! -s /tmp/adamerging-sync.txt || { echo "nbdev_export/nbdev_clean changed the files above: run them and commit"; exit 1; }
+
+clean:
+	rm -rf $(VENV) $(RUNS) build *.egg-info
