@@ -5,12 +5,13 @@
 # %% auto #0
 __all__ = ['merged_leaves', 'lambda_grad', 'DeviceSampler', 'engine_step', 'adamerge_fast', 'zero_grad_layers', 'device_accuracy']
 
-# %% ../nbs/05a_engine.ipynb #9744d709
+# %% ../nbs/05a_engine.ipynb #0335e4b6
 import contextlib
 from collections.abc import Mapping, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
+from torch.func import functional_call
 from tqdm.auto import tqdm
 from .losses import entropy_loss
 from .merging import MergedModel
@@ -18,7 +19,7 @@ from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import head_logits
 from .adamerging import Recipe, get_recipe, Profiler, AdaMergingResult, trajectory_rows
 
-# %% ../nbs/05a_engine.ipynb #081a05e9
+# %% ../nbs/05a_engine.ipynb #1193ce64
 def merged_leaves(
     model: MergedModel,
     lam: Tensor,  # (K, L) effective coefficients, no graph needed
@@ -33,7 +34,7 @@ def merged_leaves(
     for g, idx in enumerate(model.groups): params.update({model.layer_names[i]: leaves[g][j] for j, i in enumerate(idx)})
     return leaves, params
 
-# %% ../nbs/05a_engine.ipynb #57e67804
+# %% ../nbs/05a_engine.ipynb #788e3a63
 def lambda_grad(
     model: MergedModel,
     leaf_grads: Sequence[Tensor],  # ∂L/∂θ per shape group, (n, *shape)
@@ -46,7 +47,7 @@ def lambda_grad(
         out[:, idx] = gk.squeeze(2).T.float()
     return out
 
-# %% ../nbs/05a_engine.ipynb #dfd8336f
+# %% ../nbs/05a_engine.ipynb #d6e145e1
 class DeviceSampler:
     "Endless shuffled batches of one uint8 test set held on `device`."
     def __init__(self,
@@ -70,7 +71,7 @@ class DeviceSampler:
     def __iter__(self): return self
     def __next__(self) -> Tensor: return normalize(self.images[self.next_indices()], self.mean, self.std)
 
-# %% ../nbs/05a_engine.ipynb #7858a403
+# %% ../nbs/05a_engine.ipynb #2bc566b6
 def engine_step(
     model: MergedModel,
     heads: Sequence[Tensor],  # one (C, D) head per task, in model.task_names order
@@ -107,7 +108,7 @@ def engine_step(
         eff.backward(G)  # through the clamp and, task-wise, the sum over layers
     return total
 
-# %% ../nbs/05a_engine.ipynb #661c0b53
+# %% ../nbs/05a_engine.ipynb #fa40170f
 def adamerge_fast(
     model: MergedModel,
     heads: Mapping[str, Tensor],  # task -> (C, D)
@@ -141,14 +142,14 @@ def adamerge_fast(
     losses = torch.stack([torch.as_tensor(l) for l in losses]).tolist() if losses else []
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05a_engine.ipynb #fe94375b
+# %% ../nbs/05a_engine.ipynb #1a197156
 def zero_grad_layers(
     layer_names: Sequence[str],
 ) -> list[int]:  # indices of layers whose gradient is zero by construction
     "Layers with an identically zero gradient: attention key biases cancel in the softmax."
     return [i for i, n in enumerate(layer_names) if n.endswith("attn.in_proj_bias")]
 
-# %% ../nbs/05a_engine.ipynb #1e5a47d2
+# %% ../nbs/05a_engine.ipynb #629a3c3a
 @torch.inference_mode()
 def device_accuracy(
     model: torch.nn.Module,  # encoder: normalised images -> features
