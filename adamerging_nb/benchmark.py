@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TA8_CLASSES', 'TA8_TEST_SIZES', 'standins', 'reference_grad', 'bench_recipe', 'bench_eval', 'format_report', 'main']
 
-# %% ../nbs/05b_benchmark.ipynb #8f5e3d13
+# %% ../nbs/05b_benchmark.ipynb #50560f38
 import argparse, json, os, time
 from collections.abc import Sequence
 import torch
@@ -17,11 +17,11 @@ from .losses import entropy_loss
 from .models import head_logits
 from .testing import tiny_encoder
 
-# %% ../nbs/05b_benchmark.ipynb #1587e2b6
+# %% ../nbs/05b_benchmark.ipynb #2b8a9bb7
 TA8_CLASSES = {"SUN397": 397, "Cars": 196, "RESISC45": 45, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 47}
 TA8_TEST_SIZES = {"SUN397": 19887, "Cars": 8041, "RESISC45": 6300, "EuroSAT": 2700, "SVHN": 26032, "GTSRB": 12630, "MNIST": 10000, "DTD": 1880}
 
-# %% ../nbs/05b_benchmark.ipynb #afce3c3b
+# %% ../nbs/05b_benchmark.ipynb #2e0dcc2e
 def standins(
     size: str = "tiny",  # 'vit-b-32' (open_clip ViT-B-32 image tower) or 'tiny'
     n_images: int | dict = 256,  # test images per task (a dict gives per-task sizes)
@@ -37,7 +37,8 @@ def standins(
     elif size == "tiny": enc, res, dim = tiny_encoder(seed), 16, 16
     else: raise ValueError(f"unknown stand-in size {size!r}; use 'vit-b-32' or 'tiny'")
     enc = enc.eval()
-    tv = {n: 1e-3 * p.detach().std().clamp_min(1e-2).item() * torch.randn((8, *p.shape), generator=g, device=device) for n, p in enc.named_parameters()}
+    # task vectors stay on the host, like ones computed from checkpoints: the wrappers copy them to the device
+    tv = {n: 1e-3 * p.detach().std().clamp_min(1e-2).item() * torch.randn((8, *p.shape), generator=g, device=device).cpu() for n, p in enc.named_parameters()}
     heads, images = {}, {}
     for t, c in TA8_CLASSES.items():
         h = torch.randn(c, dim, generator=g, device=device); heads[t] = 100 * h / h.norm(dim=-1, keepdim=True)
@@ -45,7 +46,7 @@ def standins(
         images[t] = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, device=device, generator=g)
     return enc, tv, heads, images
 
-# %% ../nbs/05b_benchmark.ipynb #068a0954
+# %% ../nbs/05b_benchmark.ipynb #0681f3ce
 def reference_grad(model, heads: dict, xs: Sequence[Tensor], batch_size: int) -> Tensor:  # (K, L) or (K,)
     "∂L/∂merge_weight by autograd through the merge, task by task (the oracle)."
     model.merge_weight.grad = None
@@ -56,7 +57,7 @@ def reference_grad(model, heads: dict, xs: Sequence[Tensor], batch_size: int) ->
     g = model.merge_weight.grad.clone(); model.merge_weight.grad = None
     return g
 
-# %% ../nbs/05b_benchmark.ipynb #8b00cfda
+# %% ../nbs/05b_benchmark.ipynb #5d5b495e
 def _sync(dev):
     if torch.device(dev).type == "cuda": torch.cuda.synchronize()
 
@@ -67,7 +68,7 @@ def _timed(fn, dev) -> tuple:  # (result, seconds, peak GiB)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(dev).type == "cuda" else float("nan")
     return out, time.perf_counter() - t0, peak
 
-# %% ../nbs/05b_benchmark.ipynb #878de98a
+# %% ../nbs/05b_benchmark.ipynb #c252a2e7
 def bench_recipe(
     recipe: str,  # 'paper' or 'fusionbench'
     enc, tv: dict, heads: dict, images: dict,  # from `standins`
@@ -79,6 +80,7 @@ def bench_recipe(
     tv_dtype: torch.dtype | None = None,  # task-vector storage of the bf16 variants (default bf16 on CUDA)
 ) -> dict:
     "Time, memory and agreement of the reference loop and the engine variants for one recipe."
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 here
     r = get_recipe(recipe, steps=steps)
     tasks, on_gpu = list(heads), torch.device(device).type == "cuda"
     tv_dtype = tv_dtype or (torch.bfloat16 if on_gpu else torch.float32)
@@ -118,7 +120,7 @@ def bench_recipe(
         out["max_abs_dlambda_fp32"] = (final["engine fp32"] - final["reference"])[:, keep].abs().max().item()
     return out
 
-# %% ../nbs/05b_benchmark.ipynb #e142862a
+# %% ../nbs/05b_benchmark.ipynb #02289775
 def bench_eval(enc, tv: dict, heads: dict, images: dict, device: str = "cpu", bf16: bool = True, batch_size: int = 1024) -> dict:
     "Seconds to evaluate one merged model on all tasks' test images (labels random)."
     tasks = list(heads)
@@ -130,7 +132,7 @@ def bench_eval(enc, tv: dict, heads: dict, images: dict, device: str = "cpu", bf
     n = sum(len(v) for v in images.values())
     return {"images": n, "seconds": secs, "images_per_s": n / secs, "peak_gib": peak, "bf16": bf16}
 
-# %% ../nbs/05b_benchmark.ipynb #a34c3fd5
+# %% ../nbs/05b_benchmark.ipynb #3f6b0be6
 def format_report(res: dict) -> str:
     "A printable table of one `bench_recipe` result."
     lines = [f"recipe {res['recipe']} on {res['device']}: {res['steps']} timed steps",
@@ -140,7 +142,7 @@ def format_report(res: dict) -> str:
     if "max_abs_dlambda_fp32" in res: lines.append(f"max |λ_engine - λ_reference| after {res['steps']} steps (fp32): {res['max_abs_dlambda_fp32']:.2e}")
     return "\n".join(lines)
 
-# %% ../nbs/05b_benchmark.ipynb #23f9f5ed
+# %% ../nbs/05b_benchmark.ipynb #f565a36d
 def main(argv: Sequence[str] | None = None):
     "Command line: `adamerging-bench [--device cuda] [--size vit-b-32] ...`."
     ap = argparse.ArgumentParser(description="Benchmark the AdaMerging engine against the reference loop.")

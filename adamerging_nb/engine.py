@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['merged_leaves', 'lambda_grad', 'DeviceSampler', 'engine_step', 'adamerge_fast', 'zero_grad_layers', 'device_accuracy']
 
-# %% ../nbs/05a_engine.ipynb #0335e4b6
+# %% ../nbs/05a_engine.ipynb #2590cf63
 import contextlib
 from collections.abc import Mapping, Sequence
 import pandas as pd
@@ -19,7 +19,7 @@ from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import head_logits
 from .adamerging import Recipe, get_recipe, Profiler, AdaMergingResult, trajectory_rows
 
-# %% ../nbs/05a_engine.ipynb #1193ce64
+# %% ../nbs/05a_engine.ipynb #158f2fb9
 def merged_leaves(
     model: MergedModel,
     lam: Tensor,  # (K, L) effective coefficients, no graph needed
@@ -29,12 +29,12 @@ def merged_leaves(
     with torch.no_grad():
         for g, idx in enumerate(model.groups):
             base, tv = getattr(model, f"base_{g}"), getattr(model, f"tv_{g}")
-            lg = lam[:, idx].T.unsqueeze(1).to(tv.dtype)  # (n, 1, K)
+            lg = lam.index_select(1, getattr(model, f"idx_{g}")).T.unsqueeze(1).to(tv.dtype)  # (n, 1, K)
             leaves.append((base + torch.bmm(lg, tv.flatten(2)).view_as(base).to(base.dtype)).requires_grad_(True))
     for g, idx in enumerate(model.groups): params.update({model.layer_names[i]: leaves[g][j] for j, i in enumerate(idx)})
     return leaves, params
 
-# %% ../nbs/05a_engine.ipynb #788e3a63
+# %% ../nbs/05a_engine.ipynb #8030f465
 def lambda_grad(
     model: MergedModel,
     leaf_grads: Sequence[Tensor],  # ∂L/∂θ per shape group, (n, *shape)
@@ -44,10 +44,10 @@ def lambda_grad(
     for g, idx in enumerate(model.groups):
         tv = getattr(model, f"tv_{g}")  # (n, K, *shape)
         gk = torch.bmm(tv.flatten(2), leaf_grads[g].flatten(1).unsqueeze(2).to(tv.dtype))  # (n, K, 1)
-        out[:, idx] = gk.squeeze(2).T.float()
+        out.index_copy_(1, getattr(model, f"idx_{g}"), gk.squeeze(2).T.float())
     return out
 
-# %% ../nbs/05a_engine.ipynb #d6e145e1
+# %% ../nbs/05a_engine.ipynb #21788c46
 class DeviceSampler:
     "Endless shuffled batches of one uint8 test set held on `device`."
     def __init__(self,
@@ -58,8 +58,11 @@ class DeviceSampler:
                  mean: Sequence[float] = OPENAI_MEAN, std: Sequence[float] = OPENAI_STD):
         if images.dtype != torch.uint8: raise ValueError(f"DeviceSampler expects uint8 images, got {images.dtype}")
         if len(images) == 0: raise ValueError("DeviceSampler got an empty test set: no batch can be drawn")
-        self.images, self.bs, self.mean, self.std = images.to(device), batch_size, mean, std
-        self.gen = torch.Generator(device=self.images.device).manual_seed(seed)
+        self.images, self.bs = images.to(device), batch_size
+        dev = self.images.device  # mean and std live on the device: no host-to-device copy per batch
+        self.mean = torch.tensor(mean, device=dev).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=dev).view(1, -1, 1, 1) * 255
+        self.gen = torch.Generator(device=dev).manual_seed(seed)
         self.perm, self.pos = None, len(images)
     def next_indices(self) -> Tensor:  # (batch_size,)
         "Indices of the next batch; a new permutation each epoch (a last partial batch is dropped)."
@@ -69,9 +72,9 @@ class DeviceSampler:
         i = self.perm[self.pos:self.pos + min(self.bs, n)]; self.pos += self.bs
         return i
     def __iter__(self): return self
-    def __next__(self) -> Tensor: return normalize(self.images[self.next_indices()], self.mean, self.std)
+    def __next__(self) -> Tensor: return (self.images[self.next_indices()].float() - self.mean) / self.std  # = normalize(...)
 
-# %% ../nbs/05a_engine.ipynb #2bc566b6
+# %% ../nbs/05a_engine.ipynb #6a46aef7
 def engine_step(
     model: MergedModel,
     heads: Sequence[Tensor],  # one (C, D) head per task, in model.task_names order
@@ -108,7 +111,7 @@ def engine_step(
         eff.backward(G)  # through the clamp and, task-wise, the sum over layers
     return total
 
-# %% ../nbs/05a_engine.ipynb #fa40170f
+# %% ../nbs/05a_engine.ipynb #328a347f
 def adamerge_fast(
     model: MergedModel,
     heads: Mapping[str, Tensor],  # task -> (C, D)
@@ -142,14 +145,14 @@ def adamerge_fast(
     losses = torch.stack([torch.as_tensor(l) for l in losses]).tolist() if losses else []
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05a_engine.ipynb #1a197156
+# %% ../nbs/05a_engine.ipynb #81b5d84c
 def zero_grad_layers(
     layer_names: Sequence[str],
 ) -> list[int]:  # indices of layers whose gradient is zero by construction
     "Layers with an identically zero gradient: attention key biases cancel in the softmax."
     return [i for i, n in enumerate(layer_names) if n.endswith("attn.in_proj_bias")]
 
-# %% ../nbs/05a_engine.ipynb #629a3c3a
+# %% ../nbs/05a_engine.ipynb #20809a4f
 @torch.inference_mode()
 def device_accuracy(
     model: torch.nn.Module,  # encoder: normalised images -> features
@@ -163,9 +166,10 @@ def device_accuracy(
     "Top-1 accuracy of `model` through `head`, batches sliced and normalised on the model's device."
     dev = next(model.parameters()).device
     head, correct = head.to(dev), torch.zeros((), dtype=torch.long, device=dev)
+    m = torch.tensor(mean, device=dev).view(1, -1, 1, 1) * 255; s = torch.tensor(std, device=dev).view(1, -1, 1, 1) * 255
     amp = torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     for i in range(0, len(images), batch_size):
-        x = normalize(images[i:i + batch_size].to(dev, non_blocking=True), mean, std)
+        x = (images[i:i + batch_size].to(dev, non_blocking=True).float() - m) / s  # = normalize(...)
         with amp: f = model(x)
         correct += (head_logits(f.float(), head).argmax(-1) == labels[i:i + batch_size].to(dev)).sum()
     return correct.item() / max(len(images), 1)
