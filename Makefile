@@ -8,6 +8,8 @@ BIN := $(VENV)/bin
 PINS := torch==2.14.1 torchvision==0.29.1 open_clip_torch==3.3.0 'nbdev>=2.4,<3' 'fastcore<2' 'execnb<0.2'
 RUNS ?= runs
 export HF_HUB_OFFLINE ?= 1
+# two cores: one thread per test process avoids oversubscription (nbdev_test runs two notebooks at once)
+test: export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup reproduce test check-sync bench clean
 
