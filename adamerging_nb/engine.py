@@ -6,7 +6,7 @@
 __all__ = ['merged_leaves', 'lambda_grad', 'DeviceSampler', 'engine_step', 'GraphedStep', 'adamerge_fast', 'zero_grad_layers',
            'device_accuracy']
 
-# %% ../nbs/05a_engine.ipynb #7a0449f5
+# %% ../nbs/05a_engine.ipynb #c868e993
 import contextlib
 from collections.abc import Mapping, Sequence
 import pandas as pd
@@ -20,7 +20,7 @@ from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import head_logits
 from .adamerging import Recipe, get_recipe, Profiler, AdaMergingResult, trajectory_rows
 
-# %% ../nbs/05a_engine.ipynb #e0c326d8
+# %% ../nbs/05a_engine.ipynb #990539cd
 def merged_leaves(
     model: MergedModel,
     lam: Tensor,  # (K, L) effective coefficients, no graph needed
@@ -35,20 +35,24 @@ def merged_leaves(
             for j, i in enumerate(idx): leaves[i] = merged[j].detach().requires_grad_(True)  # own leaf: no select-backward
     return leaves, dict(zip(model.layer_names, leaves))
 
-# %% ../nbs/05a_engine.ipynb #da49ed96
+# %% ../nbs/05a_engine.ipynb #1d692bd7
 def lambda_grad(
     model: MergedModel,
     grads: Sequence[Tensor],  # ∂L/∂θ per layer, in layer order
+    max_elems: int = 1 << 25,  # bound on the temporary product per kernel (elements)
 ) -> Tensor:  # (K, L) ∂L/∂λ of the effective coefficients
-    "g[k, l] = <τ_k^l, ∂L/∂θ^l>, one batched product per shape group."
+    "g[k, l] = <τ_k^l, ∂L/∂θ^l>: a product and a float32 sum over each shape group's contiguous axis."
     out = torch.empty(model.n_tasks, len(model.layer_names), device=model.merge_weight.device, dtype=torch.float32)
     for g, idx in enumerate(model.groups):
-        tv = getattr(model, f"tv_{g}")  # (n, K, *shape)
-        gg = torch.stack([grads[i] for i in idx]).flatten(1).unsqueeze(2).to(tv.dtype)  # (n, d, 1)
-        out.index_copy_(1, getattr(model, f"idx_{g}"), torch.bmm(tv.flatten(2), gg).squeeze(2).T.float())
+        tv = getattr(model, f"tv_{g}").flatten(2)  # (n, K, d)
+        gg = torch.stack([grads[i] for i in idx]).flatten(1).to(tv.dtype)  # (n, d)
+        c = max(1, max_elems // tv[0].numel())  # layers per kernel: a (c, K, d) temporary at most
+        acc = torch.promote_types(tv.dtype, torch.float32)  # bf16 products, float32 (or float64) sums
+        gk = torch.cat([(tv[s:s + c] * gg[s:s + c, None]).sum(-1, dtype=acc) for s in range(0, len(idx), c)])
+        out.index_copy_(1, getattr(model, f"idx_{g}"), gk.T.float())  # (n, K) -> columns of (K, L)
     return out
 
-# %% ../nbs/05a_engine.ipynb #7f8f94ee
+# %% ../nbs/05a_engine.ipynb #46f271be
 class DeviceSampler:
     "Endless shuffled batches of one uint8 test set held on `device`."
     def __init__(self,
@@ -75,7 +79,7 @@ class DeviceSampler:
     def __iter__(self): return self
     def __next__(self) -> Tensor: return (self.images[self.next_indices()].float() - self.mean) / self.std  # = normalize(...)
 
-# %% ../nbs/05a_engine.ipynb #f58a2f68
+# %% ../nbs/05a_engine.ipynb #d3e40123
 def engine_step(
     model: MergedModel,
     heads: Sequence[Tensor],  # one (C, D) head per task, in model.task_names order
@@ -112,7 +116,7 @@ def engine_step(
         eff.backward(G)  # through the clamp and, task-wise, the sum over layers
     return total
 
-# %% ../nbs/05a_engine.ipynb #3ea9a46a
+# %% ../nbs/05a_engine.ipynb #5dafb6fa
 class GraphedStep:
     "`engine_step` captured once in a CUDA graph and replayed (CUDA only)."
     def __init__(self, model: MergedModel, heads: Sequence[Tensor], shapes: Sequence[tuple], batch_size: int,
@@ -132,7 +136,7 @@ class GraphedStep:
         self.graph.replay()
         return self.loss
 
-# %% ../nbs/05a_engine.ipynb #b8c4c6d0
+# %% ../nbs/05a_engine.ipynb #ddc42bec
 def adamerge_fast(
     model: MergedModel,
     heads: Mapping[str, Tensor],  # task -> (C, D)
@@ -156,6 +160,7 @@ def adamerge_fast(
     sync = dev.type == "cuda" if profile_sync is None else profile_sync
     prof, rows, losses = Profiler(sync=sync), trajectory_rows(model, 0), []
     graphed = dev.type == "cuda" if cuda_graph is None else cuda_graph
+    if dev.type == "cuda": torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest patch-embedding kernels
     step_fn = None
     bar = tqdm(range(1, r.steps + 1), desc="AdaMerging (engine)", disable=not progress)
     for step in bar:
@@ -174,14 +179,14 @@ def adamerge_fast(
     losses = torch.stack([torch.as_tensor(l) for l in losses]).tolist() if losses else []
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05a_engine.ipynb #5c7e73be
+# %% ../nbs/05a_engine.ipynb #e717a11e
 def zero_grad_layers(
     layer_names: Sequence[str],
 ) -> list[int]:  # indices of layers whose gradient is zero by construction
     "Layers with an identically zero gradient: attention key biases cancel in the softmax."
     return [i for i, n in enumerate(layer_names) if n.endswith("attn.in_proj_bias")]
 
-# %% ../nbs/05a_engine.ipynb #96a680ac
+# %% ../nbs/05a_engine.ipynb #2e41ff7e
 @torch.inference_mode()
 def device_accuracy(
     model: torch.nn.Module,  # encoder: normalised images -> features
