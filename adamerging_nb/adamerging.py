@@ -6,7 +6,7 @@
 __all__ = ['RECIPES', 'ADAMERGING_METHODS', 'Recipe', 'get_recipe', 'Profiler', 'trajectory_rows', 'AdaMergingResult', 'adamerge',
            'adamerging_loaders', 'save_weights', 'load_weights', 'merged_wrapper', 'merge_pool']
 
-# %% ../nbs/05_adamerging.ipynb #367a0640
+# %% ../nbs/05_adamerging.ipynb #740918e3
 import json, os, tempfile, time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ from .merging import MergedModel, TaskWiseMergedModel, LayerWiseMergedModel
 from .data import InfiniteDataLoader, batches
 from .models import head_logits, ModelPool
 
-# %% ../nbs/05_adamerging.ipynb #23fce464
+# %% ../nbs/05_adamerging.ipynb #9a07f99b
 @dataclass(frozen=True)
 class Recipe:
     "Every setting of an AdaMerging run."
@@ -42,7 +42,7 @@ RECIPES = {
     "fusionbench": Recipe(steps=1000, batches_per_task=1, batch_size=16, lr=1e-3, clamp_weights=False),
 }
 
-# %% ../nbs/05_adamerging.ipynb #9925df28
+# %% ../nbs/05_adamerging.ipynb #e0e5328f
 def get_recipe(
     recipe: str | Recipe = "paper",  # a name in `RECIPES` or a `Recipe`
     **overrides,  # any `Recipe` field; None values are ignored
@@ -56,7 +56,7 @@ def get_recipe(
     if bad: raise ValueError(f"unknown recipe settings {bad}; settings are {sorted(names)}")
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
-# %% ../nbs/05_adamerging.ipynb #121e6bc8
+# %% ../nbs/05_adamerging.ipynb #5a6b5b77
 class Profiler:
     "Wall-clock time per named phase."
     def __init__(self, sync: bool = False):  # synchronise CUDA at phase boundaries
@@ -77,7 +77,7 @@ class Profiler:
         return df
     def __repr__(self): return self.report().to_string(float_format=lambda x: f"{x:.5f}") if self.times else "Profiler (empty)"
 
-# %% ../nbs/05_adamerging.ipynb #c8686417
+# %% ../nbs/05_adamerging.ipynb #0cc9464c
 def trajectory_rows(
     model: MergedModel,
     step: int,
@@ -88,7 +88,7 @@ def trajectory_rows(
     if w.ndim == 1: return [(step, -1, t, float(w[k])) for k, t in enumerate(model.task_names)]
     return [(step, l, t, float(w[k, l])) for k, t in enumerate(model.task_names) for l in range(w.shape[1])]
 
-# %% ../nbs/05_adamerging.ipynb #1f4c784a
+# %% ../nbs/05_adamerging.ipynb #b7aabd51
 @dataclass
 class AdaMergingResult:
     "What an AdaMerging run returns."
@@ -99,14 +99,14 @@ class AdaMergingResult:
     task_names: list
     layer_names: list
 
-# %% ../nbs/05_adamerging.ipynb #73d85db7
+# %% ../nbs/05_adamerging.ipynb #a381a098
 def _images(batch):
     "The image tensor of a batch that may be a tensor, a tuple/list (images first) or a dict."
     if isinstance(batch, Tensor): return batch
     if isinstance(batch, Mapping): return batch["images"]
     return batch[0]
 
-# %% ../nbs/05_adamerging.ipynb #d6faf10c
+# %% ../nbs/05_adamerging.ipynb #e8e527cf
 def adamerge(
     model: MergedModel,  # the merged-model wrapper; its `merge_weight` is trained in place
     heads: Mapping[str, Tensor],  # task -> (C, D) frozen head
@@ -144,7 +144,7 @@ def adamerge(
     traj = pd.DataFrame(rows, columns=["step", "layer", "task", "lambda"])
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05_adamerging.ipynb #f4ca275b
+# %% ../nbs/05_adamerging.ipynb #c4a33bdc
 def adamerging_loaders(
     pool: ModelPool,
     batch_size: int = 16,
@@ -154,7 +154,7 @@ def adamerging_loaders(
     return {t: InfiniteDataLoader(batches(pool.test_sets[t], batch_size, shuffle=True, seed=seed * 1000 + i, mean=pool.mean, std=pool.std))
             for i, t in enumerate(pool.task_names)}
 
-# %% ../nbs/05_adamerging.ipynb #a71a18f7
+# %% ../nbs/05_adamerging.ipynb #29aca4b7
 def save_weights(
     path: str | os.PathLike,  # .safetensors file; written atomically
     model: MergedModel,
@@ -170,7 +170,7 @@ def save_weights(
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-# %% ../nbs/05_adamerging.ipynb #bdde0a79
+# %% ../nbs/05_adamerging.ipynb #bb40aa84
 def load_weights(
     path: str | os.PathLike,
     model: MergedModel,  # receives the weights in place
@@ -192,7 +192,7 @@ def load_weights(
     with torch.no_grad(): model.merge_weight.copy_(w)
     return model
 
-# %% ../nbs/05_adamerging.ipynb #b801f4e8
+# %% ../nbs/05_adamerging.ipynb #cd607a61
 ADAMERGING_METHODS = ("tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp")
 
 def merged_wrapper(
@@ -209,7 +209,7 @@ def merged_wrapper(
     return cls(pool.pretrained, task_vectors=tv, task_names=pool.task_names, init_values=recipe.init_values,
                clamp_weights=recipe.clamp_weights, tv_dtype=tv_dtype)
 
-# %% ../nbs/05_adamerging.ipynb #8af736fe
+# %% ../nbs/05_adamerging.ipynb #5568d5f4
 def merge_pool(
     pool: ModelPool,
     method: str = "lw_adamerging",  # tw_/lw_ adamerging or adamergingpp
@@ -218,15 +218,23 @@ def merge_pool(
     device: str | torch.device = "cpu",
     weights: str | os.PathLike | Tensor | None = None,  # saved or released λ: load and skip adaptation
     progress: bool = True,
+    engine: str = "fast",  # 'fast' (adamerging_nb.engine) or 'reference' (the loop above)
+    bf16: bool = False,  # fast engine: bf16 autocast and bf16 task vectors (CUDA)
     **overrides,  # Recipe fields (steps, batches_per_task, batch_size, lr, ...) and `log_every`
 ) -> tuple[nn.Module, AdaMergingResult | None]:  # (plain merged encoder, result or None when `weights` given)
     "Merge a pool's models with AdaMerging (or given weights) and return the merged encoder."
+    if engine not in ("fast", "reference"): raise ValueError(f"unknown engine {engine!r}; use 'fast' or 'reference'")
     log_every = overrides.pop("log_every", 10)
     r = get_recipe(recipe, **overrides)
-    model = merged_wrapper(pool, method, r).to(device)
+    model = merged_wrapper(pool, method, r, tv_dtype=torch.bfloat16 if bf16 else None).to(device)
     if weights is None:
         torch.manual_seed(seed)
-        res = adamerge(model, pool.heads, adamerging_loaders(pool, r.batch_size, seed), r, log_every=log_every, device=device, progress=progress)
+        if engine == "fast":
+            from adamerging_nb.engine import DeviceSampler, adamerge_fast  # the engine builds on this module
+            smp = {t: DeviceSampler(pool.test_sets[t].images, r.batch_size, seed * 1000 + i, device, pool.mean, pool.std)
+                   for i, t in enumerate(pool.task_names)}
+            res = adamerge_fast(model, pool.heads, smp, r, log_every=log_every, bf16=bf16, progress=progress)
+        else: res = adamerge(model, pool.heads, adamerging_loaders(pool, r.batch_size, seed), r, log_every=log_every, device=device, progress=progress)
     else:
         if isinstance(weights, Tensor):
             if weights.shape != model.merge_weight.shape: raise ValueError(f"weights of shape {tuple(weights.shape)} for a model needing {tuple(model.merge_weight.shape)}")
