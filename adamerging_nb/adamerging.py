@@ -6,7 +6,7 @@
 __all__ = ['RECIPES', 'ADAMERGING_METHODS', 'Recipe', 'get_recipe', 'Profiler', 'trajectory_rows', 'AdaMergingResult', 'adamerge',
            'adamerging_loaders', 'save_weights', 'load_weights', 'merged_wrapper', 'merge_pool']
 
-# %% ../nbs/05_adamerging.ipynb #740918e3
+# %% ../nbs/05_adamerging.ipynb #47816888
 import json, os, tempfile, time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ from .merging import MergedModel, TaskWiseMergedModel, LayerWiseMergedModel
 from .data import InfiniteDataLoader, batches
 from .models import head_logits, ModelPool
 
-# %% ../nbs/05_adamerging.ipynb #9a07f99b
+# %% ../nbs/05_adamerging.ipynb #1e0142cf
 @dataclass(frozen=True)
 class Recipe:
     "Every setting of an AdaMerging run."
@@ -42,7 +42,7 @@ RECIPES = {
     "fusionbench": Recipe(steps=1000, batches_per_task=1, batch_size=16, lr=1e-3, clamp_weights=False),
 }
 
-# %% ../nbs/05_adamerging.ipynb #e0e5328f
+# %% ../nbs/05_adamerging.ipynb #38ef196c
 def get_recipe(
     recipe: str | Recipe = "paper",  # a name in `RECIPES` or a `Recipe`
     **overrides,  # any `Recipe` field; None values are ignored
@@ -56,7 +56,7 @@ def get_recipe(
     if bad: raise ValueError(f"unknown recipe settings {bad}; settings are {sorted(names)}")
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
-# %% ../nbs/05_adamerging.ipynb #5a6b5b77
+# %% ../nbs/05_adamerging.ipynb #2e70436d
 class Profiler:
     "Wall-clock time per named phase."
     def __init__(self, sync: bool = False):  # synchronise CUDA at phase boundaries
@@ -77,7 +77,7 @@ class Profiler:
         return df
     def __repr__(self): return self.report().to_string(float_format=lambda x: f"{x:.5f}") if self.times else "Profiler (empty)"
 
-# %% ../nbs/05_adamerging.ipynb #0cc9464c
+# %% ../nbs/05_adamerging.ipynb #6abe5f2f
 def trajectory_rows(
     model: MergedModel,
     step: int,
@@ -88,7 +88,7 @@ def trajectory_rows(
     if w.ndim == 1: return [(step, -1, t, float(w[k])) for k, t in enumerate(model.task_names)]
     return [(step, l, t, float(w[k, l])) for k, t in enumerate(model.task_names) for l in range(w.shape[1])]
 
-# %% ../nbs/05_adamerging.ipynb #b7aabd51
+# %% ../nbs/05_adamerging.ipynb #174e5c3f
 @dataclass
 class AdaMergingResult:
     "What an AdaMerging run returns."
@@ -98,15 +98,16 @@ class AdaMergingResult:
     losses: list  # summed entropy per step
     task_names: list
     layer_names: list
+    eval_log: pd.DataFrame | None = None  # step, task, accuracy, when evaluated during the run
 
-# %% ../nbs/05_adamerging.ipynb #a381a098
+# %% ../nbs/05_adamerging.ipynb #8be55dc0
 def _images(batch):
     "The image tensor of a batch that may be a tensor, a tuple/list (images first) or a dict."
     if isinstance(batch, Tensor): return batch
     if isinstance(batch, Mapping): return batch["images"]
     return batch[0]
 
-# %% ../nbs/05_adamerging.ipynb #e8e527cf
+# %% ../nbs/05_adamerging.ipynb #bc8c012c
 def adamerge(
     model: MergedModel,  # the merged-model wrapper; its `merge_weight` is trained in place
     heads: Mapping[str, Tensor],  # task -> (C, D) frozen head
@@ -118,6 +119,7 @@ def adamerge(
     log_every: int = 10,  # trajectory every this many steps (and at step 0)
     device: str | torch.device | None = None,  # default: the model's device
     progress: bool = True,  # tqdm bar with the loss
+    callback=None,  # called as callback(step, model) at step 0 and every `log_every` steps
 ) -> AdaMergingResult:
     "Learn λ by minimising the summed entropy of every task's predictions on unlabeled test images."
     r = get_recipe(recipe, steps=steps, batches_per_task=batches_per_task, lr=lr)
@@ -129,6 +131,7 @@ def adamerge(
     its = {t: iter(loaders[t]) for t in model.task_names}
     opt = torch.optim.Adam([model.merge_weight], lr=r.lr, betas=r.betas)
     prof, rows, losses = Profiler(sync=device.type == "cuda"), trajectory_rows(model, 0), []
+    if callback: callback(0, model)
     bar = tqdm(range(1, r.steps + 1), desc="AdaMerging", disable=not progress)
     for step in bar:
         with prof("data"): xs = {t: [_images(next(its[t])).to(device, non_blocking=True) for _ in range(r.batches_per_task)] for t in model.task_names}
@@ -140,11 +143,13 @@ def adamerge(
         with prof("optimizer"): opt.step()
         losses.append(loss.item())
         if progress: bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if step % log_every == 0: rows += trajectory_rows(model, step)
+        if step % log_every == 0:
+            rows += trajectory_rows(model, step)
+            if callback: callback(step, model)
     traj = pd.DataFrame(rows, columns=["step", "layer", "task", "lambda"])
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05_adamerging.ipynb #c4a33bdc
+# %% ../nbs/05_adamerging.ipynb #c33f7605
 def adamerging_loaders(
     pool: ModelPool,
     batch_size: int = 16,
@@ -154,23 +159,24 @@ def adamerging_loaders(
     return {t: InfiniteDataLoader(batches(pool.test_sets[t], batch_size, shuffle=True, seed=seed * 1000 + i, mean=pool.mean, std=pool.std))
             for i, t in enumerate(pool.task_names)}
 
-# %% ../nbs/05_adamerging.ipynb #29aca4b7
+# %% ../nbs/05_adamerging.ipynb #edfa509d
 def save_weights(
     path: str | os.PathLike,  # .safetensors file; written atomically
-    model: MergedModel,
+    model: MergedModel | AdaMergingResult,  # a wrapper, or the result of a run
 ):
-    "Save `model.merge_weight` with its task and layer names."
-    meta = {"task_names": json.dumps(model.task_names), "layer_names": json.dumps(model.layer_names),
-            "granularity": "task" if model.merge_weight.ndim == 1 else "layer", "format": "adamerging-nb/merge_weight/1"}
+    "Save the merging weights of a wrapper or a run with their task and layer names."
+    w = model.merge_weight if isinstance(model, MergedModel) else model.weights
+    meta = {"task_names": json.dumps(list(model.task_names)), "layer_names": json.dumps(list(model.layer_names)),
+            "granularity": "task" if w.ndim == 1 else "layer", "format": "adamerging-nb/merge_weight/1"}
     path = os.fspath(path); d = os.path.dirname(os.path.abspath(path)); os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp"); os.close(fd)
     try:
-        save_file({"merge_weight": model.merge_weight.detach().float().cpu().contiguous()}, tmp, metadata=meta)
+        save_file({"merge_weight": w.detach().float().cpu().contiguous()}, tmp, metadata=meta)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-# %% ../nbs/05_adamerging.ipynb #bb40aa84
+# %% ../nbs/05_adamerging.ipynb #2618543e
 def load_weights(
     path: str | os.PathLike,
     model: MergedModel,  # receives the weights in place
@@ -192,7 +198,7 @@ def load_weights(
     with torch.no_grad(): model.merge_weight.copy_(w)
     return model
 
-# %% ../nbs/05_adamerging.ipynb #cd607a61
+# %% ../nbs/05_adamerging.ipynb #2563a6a3
 ADAMERGING_METHODS = ("tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp")
 
 def merged_wrapper(
@@ -209,7 +215,7 @@ def merged_wrapper(
     return cls(pool.pretrained, task_vectors=tv, task_names=pool.task_names, init_values=recipe.init_values,
                clamp_weights=recipe.clamp_weights, tv_dtype=tv_dtype)
 
-# %% ../nbs/05_adamerging.ipynb #5568d5f4
+# %% ../nbs/05_adamerging.ipynb #6d9d42f9
 def merge_pool(
     pool: ModelPool,
     method: str = "lw_adamerging",  # tw_/lw_ adamerging or adamergingpp
@@ -224,17 +230,27 @@ def merge_pool(
 ) -> tuple[nn.Module, AdaMergingResult | None]:  # (plain merged encoder, result or None when `weights` given)
     "Merge a pool's models with AdaMerging (or given weights) and return the merged encoder."
     if engine not in ("fast", "reference"): raise ValueError(f"unknown engine {engine!r}; use 'fast' or 'reference'")
-    log_every = overrides.pop("log_every", 10)
+    log_every, eval_every = overrides.pop("log_every", 10), overrides.pop("eval_every", 0)
     r = get_recipe(recipe, **overrides)
     model = merged_wrapper(pool, method, r, tv_dtype=torch.bfloat16 if bf16 else None).to(device)
+    evals = []
+    def evaluate_now(step, m):  # accuracy of the current merge on every task (every `eval_every` steps)
+        if not eval_every or step % eval_every: return
+        from adamerging_nb.engine import device_accuracy
+        enc = m.merge_and_unload().eval()
+        evals.extend((step, t, device_accuracy(enc, pool.heads[t], pool.test_sets[t].images, pool.test_sets[t].labels,
+                                               bf16=bf16, mean=pool.mean, std=pool.std)) for t in pool.task_names)
+    if eval_every and eval_every % log_every: raise ValueError(f"eval_every ({eval_every}) must be a multiple of log_every ({log_every})")
     if weights is None:
         torch.manual_seed(seed)
         if engine == "fast":
             from adamerging_nb.engine import DeviceSampler, adamerge_fast  # the engine builds on this module
             smp = {t: DeviceSampler(pool.test_sets[t].images, r.batch_size, seed * 1000 + i, device, pool.mean, pool.std)
                    for i, t in enumerate(pool.task_names)}
-            res = adamerge_fast(model, pool.heads, smp, r, log_every=log_every, bf16=bf16, progress=progress)
-        else: res = adamerge(model, pool.heads, adamerging_loaders(pool, r.batch_size, seed), r, log_every=log_every, device=device, progress=progress)
+            res = adamerge_fast(model, pool.heads, smp, r, log_every=log_every, bf16=bf16, progress=progress, callback=evaluate_now)
+        else: res = adamerge(model, pool.heads, adamerging_loaders(pool, r.batch_size, seed), r, log_every=log_every, device=device,
+                             progress=progress, callback=evaluate_now)
+        if evals: res.eval_log = pd.DataFrame(evals, columns=["step", "task", "accuracy"])
     else:
         if isinstance(weights, Tensor):
             if weights.shape != model.merge_weight.shape: raise ValueError(f"weights of shape {tuple(weights.shape)} for a model needing {tuple(model.merge_weight.shape)}")

@@ -6,7 +6,7 @@
 __all__ = ['merged_leaves', 'lambda_grad', 'DeviceSampler', 'engine_step', 'GraphedStep', 'adamerge_fast', 'zero_grad_layers',
            'device_accuracy']
 
-# %% ../nbs/05a_engine.ipynb #c868e993
+# %% ../nbs/05a_engine.ipynb #fbed393e
 import contextlib
 from collections.abc import Mapping, Sequence
 import pandas as pd
@@ -20,7 +20,7 @@ from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import head_logits
 from .adamerging import Recipe, get_recipe, Profiler, AdaMergingResult, trajectory_rows
 
-# %% ../nbs/05a_engine.ipynb #990539cd
+# %% ../nbs/05a_engine.ipynb #175d1528
 def merged_leaves(
     model: MergedModel,
     lam: Tensor,  # (K, L) effective coefficients, no graph needed
@@ -35,7 +35,7 @@ def merged_leaves(
             for j, i in enumerate(idx): leaves[i] = merged[j].detach().requires_grad_(True)  # own leaf: no select-backward
     return leaves, dict(zip(model.layer_names, leaves))
 
-# %% ../nbs/05a_engine.ipynb #1d692bd7
+# %% ../nbs/05a_engine.ipynb #a6b61cd9
 def lambda_grad(
     model: MergedModel,
     grads: Sequence[Tensor],  # ∂L/∂θ per layer, in layer order
@@ -52,7 +52,7 @@ def lambda_grad(
         out.index_copy_(1, getattr(model, f"idx_{g}"), gk.T.float())  # (n, K) -> columns of (K, L)
     return out
 
-# %% ../nbs/05a_engine.ipynb #46f271be
+# %% ../nbs/05a_engine.ipynb #17bb3a16
 class DeviceSampler:
     "Endless shuffled batches of one uint8 test set held on `device`."
     def __init__(self,
@@ -79,7 +79,7 @@ class DeviceSampler:
     def __iter__(self): return self
     def __next__(self) -> Tensor: return (self.images[self.next_indices()].float() - self.mean) / self.std  # = normalize(...)
 
-# %% ../nbs/05a_engine.ipynb #d3e40123
+# %% ../nbs/05a_engine.ipynb #c1e28f37
 def engine_step(
     model: MergedModel,
     heads: Sequence[Tensor],  # one (C, D) head per task, in model.task_names order
@@ -116,7 +116,7 @@ def engine_step(
         eff.backward(G)  # through the clamp and, task-wise, the sum over layers
     return total
 
-# %% ../nbs/05a_engine.ipynb #5dafb6fa
+# %% ../nbs/05a_engine.ipynb #1520efc3
 class GraphedStep:
     "`engine_step` captured once in a CUDA graph and replayed (CUDA only)."
     def __init__(self, model: MergedModel, heads: Sequence[Tensor], shapes: Sequence[tuple], batch_size: int,
@@ -136,7 +136,7 @@ class GraphedStep:
         self.graph.replay()
         return self.loss
 
-# %% ../nbs/05a_engine.ipynb #ddc42bec
+# %% ../nbs/05a_engine.ipynb #46bd7f62
 def adamerge_fast(
     model: MergedModel,
     heads: Mapping[str, Tensor],  # task -> (C, D)
@@ -149,6 +149,7 @@ def adamerge_fast(
     progress: bool = True,
     profile_sync: bool | None = None,  # synchronise CUDA per phase for an exact profile (default: on CUDA); off for timing
     cuda_graph: bool | None = None,  # replay the step as a CUDA graph (default: on CUDA)
+    callback=None,  # called as callback(step, model) at step 0 and every `log_every` steps
 ) -> AdaMergingResult:
     "AdaMerging with the fast engine; same result as `adamerge` up to round-off."
     r = get_recipe(recipe, steps=steps, batches_per_task=batches_per_task, lr=lr)
@@ -162,6 +163,7 @@ def adamerge_fast(
     graphed = dev.type == "cuda" if cuda_graph is None else cuda_graph
     if dev.type == "cuda": torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest patch-embedding kernels
     step_fn = None
+    if callback: callback(0, model)
     bar = tqdm(range(1, r.steps + 1), desc="AdaMerging (engine)", disable=not progress)
     for step in bar:
         with prof("data"): xs = [torch.cat([next(samplers[t]) for _ in range(r.batches_per_task)]).to(dev) for t in model.task_names]
@@ -174,19 +176,21 @@ def adamerge_fast(
         with prof("optimizer"): opt.step()
         losses.append(loss)  # a device tensor: no host sync per step
         if progress and step % 10 == 0: bar.set_postfix(loss=f"{float(loss):.4f}")
-        if step % log_every == 0: rows += trajectory_rows(model, step)
+        if step % log_every == 0:
+            rows += trajectory_rows(model, step)
+            if callback: callback(step, model)
     traj = pd.DataFrame(rows, columns=["step", "layer", "task", "lambda"])
     losses = torch.stack([torch.as_tensor(l) for l in losses]).tolist() if losses else []
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05a_engine.ipynb #e717a11e
+# %% ../nbs/05a_engine.ipynb #43fd663a
 def zero_grad_layers(
     layer_names: Sequence[str],
 ) -> list[int]:  # indices of layers whose gradient is zero by construction
     "Layers with an identically zero gradient: attention key biases cancel in the softmax."
     return [i for i, n in enumerate(layer_names) if n.endswith("attn.in_proj_bias")]
 
-# %% ../nbs/05a_engine.ipynb #2e41ff7e
+# %% ../nbs/05a_engine.ipynb #c29a99a6
 @torch.inference_mode()
 def device_accuracy(
     model: torch.nn.Module,  # encoder: normalised images -> features
