@@ -10,7 +10,7 @@ __all__ = ['CLIP_MODELS', 'TA_CHECKPOINTS_URL', 'HF_PRETRAINED', 'HF_FINETUNED',
            'hf_image_encoder', 'zeroshot_head', 'zeroshot_heads', 'register_pool', 'load_pool', 'ta8_pool',
            'hf_ta8_pool']
 
-# %% ../nbs/04_models.ipynb #14580b4e
+# %% ../nbs/04_models.ipynb #2f0b7797
 from dataclasses import dataclass, field
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -30,7 +30,7 @@ from .reference import TA8
 from .task_vectors import check_same_layout, state_dict_of
 from .testing import tiny_pool
 
-# %% ../nbs/04_models.ipynb #6203d57e
+# %% ../nbs/04_models.ipynb #bf93cc42
 def head_logits(
     features: Tensor,  # (N, D) image embeddings
     head: Tensor,  # (C, D) class embeddings × logit scale
@@ -38,7 +38,7 @@ def head_logits(
     "CLIP logits: L2-normalised image features times the head."
     return (features / features.norm(dim=-1, keepdim=True)) @ head.to(features.dtype).T
 
-# %% ../nbs/04_models.ipynb #f14776bb
+# %% ../nbs/04_models.ipynb #d9c32bc0
 @dataclass
 class ModelPool:
     "Pretrained and fine-tuned image encoders, heads and test sets of one merging benchmark."
@@ -50,12 +50,13 @@ class ModelPool:
     test_sets: dict[str, TestSet]  # task -> test set
     mean: Sequence[float] = OPENAI_MEAN
     std: Sequence[float] = OPENAI_STD
+    ties_padding: int = 0  # zero task-vector entries the original checkpoints hold beside the image tower (TIES counts them)
     def __post_init__(self):
         for what, d in (("fine-tuned models", self.finetuned), ("heads", self.heads), ("test sets", self.test_sets)):
             if list(d) != list(self.task_names):
                 raise ValueError(f"pool {self.name!r}: the {what} are for tasks {list(d)}, the pool's tasks are {list(self.task_names)}")
 
-# %% ../nbs/04_models.ipynb #42ab1b33
+# %% ../nbs/04_models.ipynb #5d973b29
 CLIP_MODELS = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-B-16": "ViT-B-16-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}
 
 def open_clip_name(
@@ -66,7 +67,7 @@ def open_clip_name(
     if model in CLIP_MODELS.values(): return model
     raise KeyError(f"unknown model {model!r}; known models: {', '.join(CLIP_MODELS)}")
 
-# %% ../nbs/04_models.ipynb #9c04fe07
+# %% ../nbs/04_models.ipynb #721977d4
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -100,7 +101,7 @@ def create_clip(
                                     "the cache, or pass pretrained=<path to a weights file>.")
     return open_clip.create_model(name, pretrained=None if weights is None else str(weights), device=device).eval()
 
-# %% ../nbs/04_models.ipynb #88e4b13d
+# %% ../nbs/04_models.ipynb #b0a075f1
 class Stub:
     "Inert stand-in for a class named in a pickle: keeps the state it is given, runs nothing."
     stands_for = "?"  # 'module.Name' of the class it replaces
@@ -115,7 +116,7 @@ class Stub:
 def _stub_class(module: str, name: str) -> type:
     return type(name, (Stub,), {"stands_for": f"{module}.{name}", "__module__": __name__})
 
-# %% ../nbs/04_models.ipynb #9a6b8a2e
+# %% ../nbs/04_models.ipynb #b6cfe239
 _REAL_GLOBALS = {("collections", "OrderedDict"): OrderedDict, ("builtins", "set"): set, ("__builtin__", "set"): set,
                  ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset, ("torch", "Size"): torch.Size,
                  **{("torch._utils", n): getattr(torch._utils, n) for n in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")}}
@@ -130,7 +131,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             f"refusing to load the global {module}.{name}: the file asks for something that is neither a tensor, a container "
             f"nor a class of {', '.join(_STUB_MODULES)} (the modules Task Arithmetic checkpoints name). Nothing was executed.")
 
-# %% ../nbs/04_models.ipynb #ae752bb6
+# %% ../nbs/04_models.ipynb #20ff366b
 _RESTRICTED_PICKLE = types.SimpleNamespace(__name__="adamerging_nb_restricted_pickle", Unpickler=RestrictedUnpickler,
                                            load=lambda f, **kw: RestrictedUnpickler(f, **kw).load())
 
@@ -144,7 +145,7 @@ def read_pickled(
         warnings.filterwarnings("ignore", message="Couldn't retrieve source code for container")
         return torch.load(path, map_location="cpu", pickle_module=_RESTRICTED_PICKLE, weights_only=False)
 
-# %% ../nbs/04_models.ipynb #f884a811
+# %% ../nbs/04_models.ipynb #5285ec62
 def stub_state_dict(
     obj,  # a module read by `read_pickled` (or a state dict)
     prefix: str = "",
@@ -162,7 +163,7 @@ def stub_state_dict(
         if m is not None: out.update(stub_state_dict(m, f"{prefix}{k}."))
     return out
 
-# %% ../nbs/04_models.ipynb #fe8d9bb9
+# %% ../nbs/04_models.ipynb #338701ee
 def read_ta_state_dict(
     path: str | Path,  # a Task Arithmetic `zeroshot.pt` or `finetuned.pt`
     float_only: bool = True,  # keep floating-point tensors only
@@ -172,7 +173,7 @@ def read_ta_state_dict(
     if sd and all(k.startswith("model.") for k in sd): sd = {k[len("model."):]: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if v.is_floating_point() or not float_only}
 
-# %% ../nbs/04_models.ipynb #f8e13241
+# %% ../nbs/04_models.ipynb #9fddb5a8
 def visual_state(
     sd: Mapping[str, Tensor],  # a `CLIP` state dict (or already an image-encoder one)
     what: str = "checkpoint",  # how to name `sd` in errors
@@ -183,7 +184,7 @@ def visual_state(
     if not out: raise ValueError(f"the {what} holds no image encoder (no 'visual.*' tensors); its first keys: {list(sd)[:5]}")
     return out
 
-# %% ../nbs/04_models.ipynb #371179df
+# %% ../nbs/04_models.ipynb #3594844d
 def encoder_from_state(
     sd: Mapping[str, Tensor],  # `VisionTransformer` keys -> tensor
     heads: int | None = None,  # attention heads; default width // 64
@@ -204,7 +205,7 @@ def encoder_from_state(
     m.load_state_dict(sd)
     return m.eval()
 
-# %% ../nbs/04_models.ipynb #fe90c73f
+# %% ../nbs/04_models.ipynb #62f7d42f
 def read_ta_encoder(
     path: str | Path,  # a Task Arithmetic `zeroshot.pt` or `finetuned.pt`
     heads: int | None = None,  # attention heads; default width // 64
@@ -212,7 +213,7 @@ def read_ta_encoder(
     "The image encoder of a Task Arithmetic checkpoint as an open_clip `VisionTransformer`."
     return encoder_from_state(visual_state(read_ta_state_dict(path), f"checkpoint {path}"), heads, what=f"image encoder in {path}")
 
-# %% ../nbs/04_models.ipynb #e6e36c5b
+# %% ../nbs/04_models.ipynb #43436437
 def read_ta_head(
     path: str | Path,  # a Task Arithmetic `head_<Task>.pt`
 ) -> Tensor:  # (C, D) class embeddings × logit scale
@@ -227,7 +228,7 @@ def read_ta_head(
         raise ValueError(f"{path} has a non-zero bias, which `head_logits` has no place for")
     return sd["weight"]
 
-# %% ../nbs/04_models.ipynb #eb9bf3fd
+# %% ../nbs/04_models.ipynb #feeddfcf
 TA_CHECKPOINTS_URL = "https://github.com/mlfoundations/task_vectors#checkpoints"
 
 def ta_checkpoint_files(
@@ -250,13 +251,13 @@ def ta_checkpoint_files(
     files["heads"] = {t: p if p.is_file() else None for t, p in files["heads"].items()}
     return files
 
-# %% ../nbs/04_models.ipynb #021dcd61
+# %% ../nbs/04_models.ipynb #cfae7428
 HF_PRETRAINED = "openai/clip-vit-base-patch32"
 HF_FINETUNED = "tanganke/clip-vit-base-patch32_{task}"  # `{task}` is a value of `HF_TASK_SLUGS`
 HF_TASK_SLUGS = {"SUN397": "sun397", "Cars": "stanford-cars", "RESISC45": "resisc45", "EuroSAT": "eurosat",
                  "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist", "DTD": "dtd"}
 
-# %% ../nbs/04_models.ipynb #ae0ef9a7
+# %% ../nbs/04_models.ipynb #a5a17036
 _HF_LAYER = {"layer_norm1": "ln_1", "self_attn.out_proj": "attn.out_proj", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 def hf_to_open_clip(
@@ -291,7 +292,7 @@ def hf_to_open_clip(
         raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {left[:5]}; only CLIPModel and CLIPVisionModel weights convert")
     return out
 
-# %% ../nbs/04_models.ipynb #0c52852b
+# %% ../nbs/04_models.ipynb #4ff33cba
 def read_hf_checkpoint(
     path_or_id: str | Path,  # a local folder or a Hugging Face model id such as 'openai/clip-vit-base-patch32'
     cache_dir: str | Path | None = None,  # the Hugging Face cache (default: its usual place)
@@ -313,7 +314,7 @@ def read_hf_checkpoint(
     sd = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu", weights_only=True)
     return json.loads(cfg.read_text()), sd
 
-# %% ../nbs/04_models.ipynb #a8cb306c
+# %% ../nbs/04_models.ipynb #cfd60a75
 def _hf_act(cfg: dict) -> bool:  # True for QuickGELU
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"): raise ValueError(f"hidden_act {act!r} has no open_clip counterpart (quick_gelu or gelu)")
@@ -341,7 +342,7 @@ def hf_clip(
     model.load_state_dict(sd)
     return model.eval()
 
-# %% ../nbs/04_models.ipynb #0cb829c7
+# %% ../nbs/04_models.ipynb #e78b0859
 def hf_image_encoder(
     path_or_id: str | Path,  # a Hugging Face CLIP checkpoint: local folder or hub id
     projection: Tensor | None = None,  # (W, D) open_clip `visual.proj` for checkpoints without one
@@ -358,7 +359,7 @@ def hf_image_encoder(
     vc = cfg.get("vision_config", cfg)
     return encoder_from_state(sd, vc.get("num_attention_heads", 12), _hf_act(vc), what=f"image encoder of {path_or_id}")
 
-# %% ../nbs/04_models.ipynb #65884e56
+# %% ../nbs/04_models.ipynb #7a61404c
 def zeroshot_head(
     clip: nn.Module,  # has `encode_text(tokens) -> (N, D)` and `logit_scale`
     tokenizer: Callable,  # list of strings -> (N, context_length) token ids
@@ -375,7 +376,7 @@ def zeroshot_head(
         emb = F.normalize(emb, dim=-1).view(len(names), len(prompts), -1).mean(dim=1)
         return (F.normalize(emb, dim=-1) * clip.logit_scale.exp().float()).cpu()
 
-# %% ../nbs/04_models.ipynb #546b813b
+# %% ../nbs/04_models.ipynb #20b404c8
 def zeroshot_heads(
     tasks: Sequence[str],  # task names, e.g. `TA8`
     clip: nn.Module | Callable[[], nn.Module],  # the CLIP model, or a function building it on the first cache miss
@@ -402,7 +403,7 @@ def zeroshot_heads(
             os.replace(tmp, f)
     return out
 
-# %% ../nbs/04_models.ipynb #4424d184
+# %% ../nbs/04_models.ipynb #2f40b1e8
 POOLS: dict[str, Callable[..., ModelPool]] = {}
 
 def register_pool(
@@ -413,16 +414,21 @@ def register_pool(
     POOLS[name] = builder
     return builder
 
-# %% ../nbs/04_models.ipynb #0cdbec61
+# %% ../nbs/04_models.ipynb #d0b2f6b5
 def load_pool(
     name: str,  # a key of `POOLS`
     **kwargs,  # passed to the pool's builder
 ) -> ModelPool:
     "Build the model pool registered as `name`."
+    if name not in POOLS:
+        import importlib
+        for mod in ("adamerging_nb.mini",):  # modules that register pools when imported
+            try: importlib.import_module(mod)
+            except ImportError: pass
     if name not in POOLS: raise KeyError(f"unknown pool {name!r}; known pools: {', '.join(POOLS)}")
     return POOLS[name](**kwargs)
 
-# %% ../nbs/04_models.ipynb #bb9c28d0
+# %% ../nbs/04_models.ipynb #e7bd952c
 def _test_sets(tasks, test_sets, **kwargs) -> dict:
     if test_sets is not None: return {t: test_sets[t] for t in tasks}
     from adamerging_nb.data import load_test_set
@@ -448,9 +454,13 @@ def ta8_pool(
     files = ta_checkpoint_files(checkpoint_root, model, tasks)
     pre = read_ta_encoder(files["zeroshot"])
     pre_sd, ft = state_dict_of(pre), {}
+    text = {k: v for k, v in read_ta_state_dict(files["zeroshot"]).items() if not k.startswith("visual.")}
     for t, f in files["finetuned"].items():
-        sd = visual_state(read_ta_state_dict(f), f"checkpoint {f}")
+        full = read_ta_state_dict(f)
+        sd = visual_state(full, f"checkpoint {f}")
         check_same_layout(pre_sd, sd, f"fine-tuned {t} encoder ({f})")
+        if changed := [k for k, v in text.items() if k in full and not torch.equal(v, full[k])]:
+            warnings.warn(f"{f}: text-side tensors {changed[:3]} differ from the pretrained ones; TIES counts them as zeros")
         ft[t] = copy.deepcopy(pre); ft[t].load_state_dict(sd)
     sets = _test_sets(tasks, test_sets, source=data_source, root=data_root, cache_dir=cache_dir)
     heads = {t: read_ta_head(f) for t, f in files["heads"].items() if f is not None and head_files}
@@ -459,9 +469,10 @@ def ta8_pool(
                                 cache_dir=cache_dir, model_key=f"{model}-openai")
     heads = {t: heads[t] for t in tasks}
     _check_heads(heads, sets)
-    return ModelPool(f"{model.lower()}-ta8", list(tasks), pre, ft, heads, sets)
+    # the official TIES and AdaMerging++ flatten the whole checkpoint: its text-side entries (zero task vectors) count
+    return ModelPool(f"{model.lower()}-ta8", list(tasks), pre, ft, heads, sets, ties_padding=sum(v.numel() for v in text.values()))
 
-# %% ../nbs/04_models.ipynb #0155e943
+# %% ../nbs/04_models.ipynb #73b2e705
 def hf_ta8_pool(
     pretrained: str | Path = HF_PRETRAINED,  # a Hugging Face CLIPModel: hub id or local folder
     finetuned: str | Mapping[str, str] = HF_FINETUNED,  # hub id or folder template with `{task}` (a value of `HF_TASK_SLUGS`), or task -> id
@@ -485,7 +496,7 @@ def hf_ta8_pool(
     _check_heads(heads, sets)
     return ModelPool("vit-b-32-ta8-hf", list(tasks), pre, ft, heads, sets)
 
-# %% ../nbs/04_models.ipynb #7be4812a
+# %% ../nbs/04_models.ipynb #5ff04f0d
 register_pool("vit-b-32-ta8", ta8_pool)
 register_pool("vit-b-32-ta8-hf", hf_ta8_pool)
 register_pool("tiny", tiny_pool)

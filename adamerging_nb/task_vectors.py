@@ -6,12 +6,12 @@
 __all__ = ['state_dict_of', 'check_same_layout', 'task_vectors', 'flatten', 'unflatten', 'ties_trim', 'ties_elect', 'ties_select',
            'ties_task_vectors']
 
-# %% ../nbs/01_task_vectors.ipynb #cc9d4912
+# %% ../nbs/01_task_vectors.ipynb #2bd9a1bd
 from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-# %% ../nbs/01_task_vectors.ipynb #1141e445
+# %% ../nbs/01_task_vectors.ipynb #190a24b1
 def state_dict_of(
     model: nn.Module | Mapping[str, Tensor],  # a module or a state dict
 ) -> dict[str, Tensor]:  # name -> tensor, detached
@@ -20,7 +20,7 @@ def state_dict_of(
     if not isinstance(sd, Mapping): raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
     return {k: v.detach() for k, v in sd.items()}
 
-# %% ../nbs/01_task_vectors.ipynb #1800a0c3
+# %% ../nbs/01_task_vectors.ipynb #2076c44e
 def check_same_layout(
     reference: Mapping[str, Tensor],  # the pretrained state dict
     other: Mapping[str, Tensor],  # a fine-tuned state dict
@@ -36,7 +36,7 @@ def check_same_layout(
     bad = [f"{k}: {tuple(reference[k].shape)} vs {tuple(other[k].shape)}" for k in reference if reference[k].shape != other[k].shape]
     if bad: raise ValueError(f"the {what} has tensors of other shapes than the pretrained model: {bad[:5]}")
 
-# %% ../nbs/01_task_vectors.ipynb #5f3ba175
+# %% ../nbs/01_task_vectors.ipynb #0e321260
 def task_vectors(
     pretrained: nn.Module | Mapping[str, Tensor],  # θ₀
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
@@ -53,14 +53,14 @@ def task_vectors(
                                  "only floating-point weights may differ")
     return {k: torch.stack([sd[k] - v for sd in sds]) for k, v in base.items() if v.is_floating_point()}
 
-# %% ../nbs/01_task_vectors.ipynb #264b165d
+# %% ../nbs/01_task_vectors.ipynb #4adcd804
 def flatten(
     tv: Mapping[str, Tensor],  # name -> (K, *shape)
 ) -> Tensor:  # (K, D) all entries of each task vector, in dict order
     "Concatenate stacked task vectors into one row per task."
     return torch.cat([v.reshape(v.shape[0], -1) for v in tv.values()], dim=1)
 
-# %% ../nbs/01_task_vectors.ipynb #e5046fb9
+# %% ../nbs/01_task_vectors.ipynb #2f9264dd
 def unflatten(
     flat: Tensor,  # (K, D)
     like: Mapping[str, Tensor],  # name -> (K, *shape), gives names and shapes
@@ -74,20 +74,22 @@ def unflatten(
     if i != flat.shape[1]: raise ValueError(f"flat task vectors have {flat.shape[1]} entries, the layout needs {i}")
     return out
 
-# %% ../nbs/01_task_vectors.ipynb #e3f79c5a
+# %% ../nbs/01_task_vectors.ipynb #02f2b206
 def ties_trim(
     flat: Tensor,  # (K, D) flattened task vectors
     density: float = 0.2,  # fraction of entries to keep per task
+    extra_zeros: int = 0,  # zero entries per task that count in the length but are not stored
 ) -> Tensor:  # (K, D) with all but the largest-magnitude entries set to 0
     "Keep, per row, the entries whose magnitude reaches the top-`density` threshold (official `topk_values_mask`)."
     if not 0 < density <= 1: raise ValueError(f"density must be in (0, 1], got {density}")
-    d = flat.shape[1]
-    k = d - int(d * density)  # rank of the threshold among magnitudes, from the smallest
-    if k == 0: return flat.clone()
+    if extra_zeros < 0: raise ValueError(f"extra_zeros must be >= 0, got {extra_zeros}")
+    d = flat.shape[1] + extra_zeros
+    k = d - int(d * density) - extra_zeros  # rank of the threshold among the stored magnitudes (the zeros rank first)
+    if k <= 0: return flat.clone()
     thresh = flat.abs().float().kthvalue(k, dim=1, keepdim=True).values
     return flat * (flat.abs() >= thresh)
 
-# %% ../nbs/01_task_vectors.ipynb #8a81757f
+# %% ../nbs/01_task_vectors.ipynb #e0be4469
 def ties_elect(
     trimmed: Tensor,  # (K, D) trimmed task vectors
 ) -> Tensor:  # (D,) elected sign per entry, in {-1, +1}
@@ -96,7 +98,7 @@ def ties_elect(
     majority = torch.sign(sign.sum())
     return torch.where(sign == 0, majority, sign)
 
-# %% ../nbs/01_task_vectors.ipynb #060734d8
+# %% ../nbs/01_task_vectors.ipynb #92e7b2f4
 def ties_select(
     trimmed: Tensor,  # (K, D)
     sign: Tensor,  # (D,) elected signs
@@ -105,15 +107,12 @@ def ties_select(
     keep = torch.where(sign > 0, trimmed > 0, trimmed < 0)
     return trimmed * keep
 
-# %% ../nbs/01_task_vectors.ipynb #8c373d1b
+# %% ../nbs/01_task_vectors.ipynb #1bedefa3
 def ties_task_vectors(
     tv: Mapping[str, Tensor],  # name -> (K, *shape) task vectors
     density: float = 0.2,  # fraction kept per task by magnitude, over the whole model
-    context: Mapping[str, Tensor] | None = None,  # more (K, *shape) task vectors that count in trimming and election, not returned
+    extra_zeros: int = 0,  # zero entries per task counted in the flattened length (see below)
 ) -> dict[str, Tensor]:  # name -> (K, *shape) TIES-processed task vectors
     "TIES trim, elect and select over the flattened model; one processed vector per task."
-    both = {**tv, **{f"context:{k}": v for k, v in (context or {}).items()}}
-    flat = flatten(both)
-    trimmed = ties_trim(flat, density)
-    out = unflatten(ties_select(trimmed, ties_elect(trimmed)), both)
-    return {k: out[k] for k in tv}
+    trimmed = ties_trim(flatten(tv), density, extra_zeros)
+    return unflatten(ties_select(trimmed, ties_elect(trimmed)), tv)
