@@ -6,7 +6,7 @@
 __all__ = ['RECIPES', 'ADAMERGING_METHODS', 'Recipe', 'get_recipe', 'Profiler', 'trajectory_rows', 'AdaMergingResult', 'adamerge',
            'adamerging_loaders', 'save_weights', 'load_weights', 'merged_wrapper', 'merge_pool']
 
-# %% ../nbs/05_adamerging.ipynb #352422d8
+# %% ../nbs/05_adamerging.ipynb #fcdab870
 import json, os, tempfile, time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -25,7 +25,7 @@ from .merging import MergedModel, TaskWiseMergedModel, LayerWiseMergedModel
 from .data import InfiniteDataLoader, batches
 from .models import head_logits, ModelPool
 
-# %% ../nbs/05_adamerging.ipynb #eaf6f5e7
+# %% ../nbs/05_adamerging.ipynb #a1bec3cc
 @dataclass(frozen=True)
 class Recipe:
     "Every setting of an AdaMerging run."
@@ -42,7 +42,7 @@ RECIPES = {
     "fusionbench": Recipe(steps=1000, batches_per_task=1, batch_size=16, lr=1e-3, clamp_weights=False),
 }
 
-# %% ../nbs/05_adamerging.ipynb #4bae7de9
+# %% ../nbs/05_adamerging.ipynb #a48876dd
 def get_recipe(
     recipe: str | Recipe = "paper",  # a name in `RECIPES` or a `Recipe`
     **overrides,  # any `Recipe` field; None values are ignored
@@ -56,7 +56,7 @@ def get_recipe(
     if bad: raise ValueError(f"unknown recipe settings {bad}; settings are {sorted(names)}")
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
-# %% ../nbs/05_adamerging.ipynb #6f95ebb4
+# %% ../nbs/05_adamerging.ipynb #3045c14f
 class Profiler:
     "Wall-clock time per named phase."
     def __init__(self, sync: bool = False):  # synchronise CUDA at phase boundaries
@@ -77,7 +77,7 @@ class Profiler:
         return df
     def __repr__(self): return self.report().to_string(float_format=lambda x: f"{x:.5f}") if self.times else "Profiler (empty)"
 
-# %% ../nbs/05_adamerging.ipynb #7dfdee84
+# %% ../nbs/05_adamerging.ipynb #aa07689b
 def trajectory_rows(
     model: MergedModel,
     step: int,
@@ -88,7 +88,7 @@ def trajectory_rows(
     if w.ndim == 1: return [(step, -1, t, float(w[k])) for k, t in enumerate(model.task_names)]
     return [(step, l, t, float(w[k, l])) for k, t in enumerate(model.task_names) for l in range(w.shape[1])]
 
-# %% ../nbs/05_adamerging.ipynb #5fc072ac
+# %% ../nbs/05_adamerging.ipynb #2fcf9186
 @dataclass
 class AdaMergingResult:
     "What an AdaMerging run returns."
@@ -100,14 +100,14 @@ class AdaMergingResult:
     layer_names: list
     eval_log: pd.DataFrame | None = None  # step, task, accuracy, when evaluated during the run
 
-# %% ../nbs/05_adamerging.ipynb #194858f8
+# %% ../nbs/05_adamerging.ipynb #14c0be04
 def _images(batch):
     "The image tensor of a batch that may be a tensor, a tuple/list (images first) or a dict."
     if isinstance(batch, Tensor): return batch
     if isinstance(batch, Mapping): return batch["images"]
     return batch[0]
 
-# %% ../nbs/05_adamerging.ipynb #8a169f54
+# %% ../nbs/05_adamerging.ipynb #b87ca721
 def adamerge(
     model: MergedModel,  # the merged-model wrapper; its `merge_weight` is trained in place
     heads: Mapping[str, Tensor],  # task -> (C, D) frozen head
@@ -149,7 +149,7 @@ def adamerge(
     traj = pd.DataFrame(rows, columns=["step", "layer", "task", "lambda"])
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05_adamerging.ipynb #3353426f
+# %% ../nbs/05_adamerging.ipynb #fba5e126
 def adamerging_loaders(
     pool: ModelPool,
     batch_size: int = 16,
@@ -159,7 +159,7 @@ def adamerging_loaders(
     return {t: InfiniteDataLoader(batches(pool.test_sets[t], batch_size, shuffle=True, seed=seed * 1000 + i, mean=pool.mean, std=pool.std))
             for i, t in enumerate(pool.task_names)}
 
-# %% ../nbs/05_adamerging.ipynb #784c5250
+# %% ../nbs/05_adamerging.ipynb #5fbd9b57
 def save_weights(
     path: str | os.PathLike,  # .safetensors file; written atomically
     model: MergedModel | AdaMergingResult,  # a wrapper, or the result of a run
@@ -176,7 +176,7 @@ def save_weights(
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-# %% ../nbs/05_adamerging.ipynb #88f47322
+# %% ../nbs/05_adamerging.ipynb #4f79de1c
 def load_weights(
     path: str | os.PathLike,
     model: MergedModel,  # receives the weights in place
@@ -198,7 +198,7 @@ def load_weights(
     with torch.no_grad(): model.merge_weight.copy_(w)
     return model
 
-# %% ../nbs/05_adamerging.ipynb #6dd9cf56
+# %% ../nbs/05_adamerging.ipynb #f9a88ea1
 ADAMERGING_METHODS = ("tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp")
 
 def merged_wrapper(
@@ -215,7 +215,7 @@ def merged_wrapper(
     return cls(pool.pretrained, task_vectors=tv, task_names=pool.task_names, init_values=recipe.init_values,
                clamp_weights=recipe.clamp_weights, tv_dtype=tv_dtype)
 
-# %% ../nbs/05_adamerging.ipynb #678467d3
+# %% ../nbs/05_adamerging.ipynb #31889653
 def merge_pool(
     pool: ModelPool,
     method: str = "lw_adamerging",  # tw_/lw_ adamerging or adamergingpp

@@ -6,7 +6,7 @@
 __all__ = ['METHODS', 'OFFICIAL_METHODS', 'weight_averaging', 'task_arithmetic', 'ties_merging', 'official_text_entries',
            'load_merged', 'official_layer_keys', 'official_merge_weights', 'merge_method', 'pool_model', 'run_methods']
 
-# %% ../nbs/07_baselines.ipynb #101fd0e1
+# %% ../nbs/07_baselines.ipynb #596de43c
 import copy, time
 from collections.abc import Mapping, Sequence
 import pandas as pd
@@ -18,7 +18,7 @@ from .reference import TA8, paper_results, official_coefficients, official_layer
 from .adamerging import ADAMERGING_METHODS, merge_pool
 from .evaluate import evaluate, results_table
 
-# %% ../nbs/07_baselines.ipynb #b6d83ad4
+# %% ../nbs/07_baselines.ipynb #69633a35
 def _states(pretrained, finetuned) -> tuple[dict, list[dict]]:
     "Detached state dicts of the pretrained and fine-tuned models, checked to share one layout."
     if len(finetuned) == 0: raise ValueError("merging needs at least one fine-tuned model")
@@ -30,7 +30,7 @@ def _with_updates(base: Mapping[str, Tensor], merged: Mapping[str, Tensor]) -> d
     "The pretrained state dict with its floating-point tensors replaced by `merged`."
     return {k: (merged[k].to(v.dtype) if k in merged else v.clone()) for k, v in base.items()}
 
-# %% ../nbs/07_baselines.ipynb #d142d19e
+# %% ../nbs/07_baselines.ipynb #9f9f02b2
 def weight_averaging(
     pretrained: nn.Module | Mapping[str, Tensor],  # gives the layout and the non-float buffers
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
@@ -39,7 +39,7 @@ def weight_averaging(
     base, sds = _states(pretrained, finetuned)
     return _with_updates(base, {k: torch.stack([sd[k] for sd in sds]).mean(0) for k, v in base.items() if v.is_floating_point()})
 
-# %% ../nbs/07_baselines.ipynb #a69ae203
+# %% ../nbs/07_baselines.ipynb #7fc66c47
 def task_arithmetic(
     pretrained: nn.Module | Mapping[str, Tensor],  # θ₀
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
@@ -50,7 +50,7 @@ def task_arithmetic(
     tv = task_vectors(base, sds)
     return _with_updates(base, {k: base[k] + scaling * v.sum(0) for k, v in tv.items()})
 
-# %% ../nbs/07_baselines.ipynb #e1972793
+# %% ../nbs/07_baselines.ipynb #b3602496
 def ties_merging(
     pretrained: nn.Module | Mapping[str, Tensor],  # θ₀
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
@@ -63,7 +63,7 @@ def ties_merging(
     tv = ties_task_vectors(task_vectors(base, sds), density, extra_zeros)
     return _with_updates(base, {k: base[k] + scaling * v.sum(0) for k, v in tv.items()})
 
-# %% ../nbs/07_baselines.ipynb #2fad8daf
+# %% ../nbs/07_baselines.ipynb #c3eeaf27
 def official_text_entries(
     model_name: str = "ViT-B-32",  # an open_clip model name
 ) -> int:  # number of text-side floating-point entries in a Task Arithmetic ImageEncoder checkpoint
@@ -74,7 +74,7 @@ def official_text_entries(
     t, d = cfg["text_cfg"], cfg["embed_dim"]
     return t["context_length"] * t["width"] + t["width"] * d + 1 + t["vocab_size"] * t["width"] + 2 * t["width"]
 
-# %% ../nbs/07_baselines.ipynb #8879b11a
+# %% ../nbs/07_baselines.ipynb #f9c0b6ac
 def load_merged(
     pretrained: nn.Module,  # gives the architecture; not modified
     state: Mapping[str, Tensor],  # a merged state dict (from `task_arithmetic`, ...)
@@ -84,7 +84,7 @@ def load_merged(
     m.load_state_dict(state)
     return m.eval()
 
-# %% ../nbs/07_baselines.ipynb #abf0e72b
+# %% ../nbs/07_baselines.ipynb #a6d0aba8
 _BLOCK = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
           "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
 
@@ -102,7 +102,7 @@ def official_layer_keys(
     return (["positional_embedding", "text_projection", "logit_scale"] + ["visual." + v for v in visual]
             + ["token_embedding.weight", "ln_final.weight", "ln_final.bias"])
 
-# %% ../nbs/07_baselines.ipynb #669ccb4e
+# %% ../nbs/07_baselines.ipynb #e62348f4
 def official_merge_weights(
     model_name: str = "ViT-B-32",  # `model` column of the released table
     method: str = "lw_adamerging",  # tw_/lw_ adamerging or adamergingpp
@@ -134,11 +134,11 @@ def official_merge_weights(
                          f"{missing[:5]}, coefficients for tensors the model lacks {unused[:5]}. Merge the image encoder of {model_name}.")
     return torch.tensor(table.loc[[table.index[row[k]] for k in want]].values.T, dtype=torch.float32)
 
-# %% ../nbs/07_baselines.ipynb #4803f76e
+# %% ../nbs/07_baselines.ipynb #3836884d
 METHODS = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging", *ADAMERGING_METHODS]
 OFFICIAL_METHODS = [f"official_{m}" for m in ADAMERGING_METHODS]
 
-# %% ../nbs/07_baselines.ipynb #487e062f
+# %% ../nbs/07_baselines.ipynb #dca74d7b
 def merge_method(
     pool: ModelPool,
     method: str,  # a name in METHODS or OFFICIAL_METHODS
@@ -166,7 +166,7 @@ def merge_method(
         return merge_pool(pool, base, recipe, seed, device, weights=w, progress=progress, **overrides)[0], w
     raise ValueError(f"unknown method {method!r}; known: {METHODS + OFFICIAL_METHODS}")
 
-# %% ../nbs/07_baselines.ipynb #ba0cd62f
+# %% ../nbs/07_baselines.ipynb #adcc7ce2
 def pool_model(
     pool: ModelPool | str,  # a pool or its name
 ) -> tuple[str | None, str | None]:  # (open_clip model of official checkpoints or None, `model` of paper_results() or None)
@@ -176,7 +176,7 @@ def pool_model(
     official = {m.lower(): m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14")}.get(key)
     return official, published
 
-# %% ../nbs/07_baselines.ipynb #c15752ae
+# %% ../nbs/07_baselines.ipynb #0a0637b1
 def run_methods(
     pool: ModelPool,
     methods: Sequence[str] | None = None,  # default: METHODS (every row computable without training data)

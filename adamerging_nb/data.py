@@ -9,7 +9,7 @@ __all__ = ['OPENAI_MEAN', 'OPENAI_STD', 'TASKS', 'IMG_EXTENSIONS', 'SOURCES', 'C
            'read_idx', 'write_idx', 'folder_raw', 'read_source', 'check_test_size', 'write_cache', 'CacheError',
            'load_cache', 'save_cache', 'cache_path', 'load_test_set', 'relabel', 'load_test_sets']
 
-# %% ../nbs/03_data.ipynb #1678b8c7
+# %% ../nbs/03_data.ipynb #22f4ac5c
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from .reference import classnames_templates
 import adamerging_nb
 
-# %% ../nbs/03_data.ipynb #f7746032
+# %% ../nbs/03_data.ipynb #af98b70b
 class InfiniteDataLoader:
     "Iterate over `loader` forever, starting a new epoch (and a new shuffle) when it is exhausted."
     def __init__(self, loader: Iterable):  # a `DataLoader` or any re-iterable of batches
@@ -41,11 +41,11 @@ class InfiniteDataLoader:
             try: return next(self._it)
             except StopIteration: raise ValueError("the wrapped loader yields no batch: is its dataset empty?") from None
 
-# %% ../nbs/03_data.ipynb #b9fcd63c
+# %% ../nbs/03_data.ipynb #36f90add
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# %% ../nbs/03_data.ipynb #fabfa845
+# %% ../nbs/03_data.ipynb #1314abf9
 @dataclass
 class TestSet:
     "A preprocessed test set: uint8 images and integer labels."
@@ -60,7 +60,7 @@ class TestSet:
             raise ValueError(f"TestSet {self.name!r}: {len(self.images)} images but {len(self.labels)} labels")
     def __len__(self): return len(self.images)
 
-# %% ../nbs/03_data.ipynb #f339f76b
+# %% ../nbs/03_data.ipynb #e7071b69
 def normalize(
     images: Tensor,  # (N, 3, H, W) uint8
     mean: Sequence[float] = OPENAI_MEAN,
@@ -72,7 +72,7 @@ def normalize(
     s = torch.tensor(std, device=images.device, dtype=dtype).view(1, -1, 1, 1)
     return (images.to(dtype) / 255 - m) / s
 
-# %% ../nbs/03_data.ipynb #7c90df5e
+# %% ../nbs/03_data.ipynb #e398f81d
 def batches(
     ts: TestSet,
     batch_size: int = 16,
@@ -89,7 +89,7 @@ def batches(
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, collate_fn=collate)
 
-# %% ../nbs/03_data.ipynb #4f01f180
+# %% ../nbs/03_data.ipynb #fa908ef9
 @dataclass(frozen=True)
 class TaskInfo:
     "Where one task's test set lives and how big it is."
@@ -102,7 +102,7 @@ class TaskInfo:
     folder_format: str  # how `load_test_set(source='folder')` reads it: 'imagefolder', 'resisc45', 'cars', 'gtsrb', 'mnist', 'svhn'
     folder_layout: str  # the Task Arithmetic data folder, relative to the data root
 
-# %% ../nbs/03_data.ipynb #b62d306e
+# %% ../nbs/03_data.ipynb #82de1d3f
 TASKS: dict[str, TaskInfo] = {t.name: t for t in [
     TaskInfo("SUN397", "tanganke/sun397", None, "test", 19_887, 397, "imagefolder", "sun397/test/<class>/*.jpg (class folders like 'a_abbey'; names drop the 2-letter prefix)"),
     TaskInfo("Cars", "tanganke/stanford_cars", None, "test", 8_041, 196, "cars", "stanford_cars/{cars_test/*.jpg, devkit/cars_meta.mat, [devkit/]cars_test_annos_withlabels.mat} or stanford_cars_folder_based/test/<class>/*.jpg"),
@@ -114,7 +114,7 @@ TASKS: dict[str, TaskInfo] = {t.name: t for t in [
     TaskInfo("DTD", "tanganke/dtd", None, "test", 1_880, 47, "imagefolder", "dtd/test/<class>/*.jpg"),
 ]}
 
-# %% ../nbs/03_data.ipynb #48684b69
+# %% ../nbs/03_data.ipynb #bc17bdf3
 def task_info(
     task: str,  # a name of `TASKS`
 ) -> TaskInfo:
@@ -123,21 +123,21 @@ def task_info(
         raise KeyError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
     return TASKS[task]
 
-# %% ../nbs/03_data.ipynb #cc13f7d2
+# %% ../nbs/03_data.ipynb #1f9e173b
 def class_names(
     task: str,  # a name of `TASKS`
 ) -> list[str]:  # (n_classes,) in the label order of the Hugging Face test set
     "The class names of `task` used to build its zero-shot head."
     return list(classnames_templates()[task_info(task).name]["classnames"])
 
-# %% ../nbs/03_data.ipynb #d89e9002
+# %% ../nbs/03_data.ipynb #bc39689c
 def templates(
     task: str,  # a name of `TASKS`
 ) -> list[str]:  # format strings with `{c}` for the class name
     "The prompt templates of `task`."
     return list(classnames_templates()[task_info(task).name]["templates"])
 
-# %% ../nbs/03_data.ipynb #72612c93
+# %% ../nbs/03_data.ipynb #e3b2a0d4
 def preprocess_image(
     img: Image.Image,  # a decoded image of any mode and size
     image_size: int = 224,  # side of the output square
@@ -152,7 +152,7 @@ def preprocess_image(
     img = img.crop((left, top, left + image_size, top + image_size)).convert("RGB")
     return np.asarray(img).transpose(2, 0, 1).copy()
 
-# %% ../nbs/03_data.ipynb #f5267048
+# %% ../nbs/03_data.ipynb #98075acd
 @dataclass
 class RawTestSet:
     "A test set before decoding: encoded items, how to decode one, labels and class names."
@@ -163,7 +163,7 @@ class RawTestSet:
     class_names: list[str]  # in label order
     def __len__(self): return len(self.labels)
 
-# %% ../nbs/03_data.ipynb #793748f9
+# %% ../nbs/03_data.ipynb #1ed8d3ad
 def preprocess_all(
     raw: RawTestSet,
     out: np.ndarray | None = None,  # (N, 3, S, S) uint8 to fill (e.g. a memory map); a new array if None
@@ -187,7 +187,7 @@ def preprocess_all(
         bar.close()
     return out
 
-# %% ../nbs/03_data.ipynb #b04a09e3
+# %% ../nbs/03_data.ipynb #f435d2ee
 class _Column:
     "Rows `[a:b]` of one column of a Hugging Face dataset."
     def __init__(self, ds, key): self.ds, self.key = ds, key
@@ -202,7 +202,7 @@ def _import_datasets():
     except ImportError: raise ImportError("loading Hugging Face test sets needs the `datasets` package: pip install datasets") from None
     return datasets
 
-# %% ../nbs/03_data.ipynb #45765fa5
+# %% ../nbs/03_data.ipynb #d98b63c5
 def hf_raw(
     ds,  # a `datasets.Dataset` with an `Image` column and a label column
     task: str,  # a name of `TASKS`; gives the class names
@@ -220,7 +220,7 @@ def hf_raw(
     labels = np.asarray(list(ds[lab_key]), dtype=np.int64)
     return RawTestSet(where, _Column(ds, img_key), _decode_hf, labels, class_names(task))
 
-# %% ../nbs/03_data.ipynb #aecc169a
+# %% ../nbs/03_data.ipynb #d8f5de02
 def _hub_reachable(endpoint: str, timeout: float) -> bool:
     u = urlparse(os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or endpoint)
     try:
@@ -237,7 +237,7 @@ def _offline(on: bool = True):
     try: yield
     finally: datasets.config.HF_HUB_OFFLINE, hc.HF_HUB_OFFLINE = old
 
-# %% ../nbs/03_data.ipynb #bb358ca9
+# %% ../nbs/03_data.ipynb #bb1d12c5
 def hub_dataset(
     task: str,  # a name of `TASKS`
     cache_dir: str | Path | None = None,  # the `datasets` cache; its default if None
@@ -260,7 +260,7 @@ def hub_dataset(
             f"Download it once where the hub is reachable, or load a copy saved with `save_to_disk` (source='disk') "
             f"or the Task Arithmetic data folders (source='folder').") from e
 
-# %% ../nbs/03_data.ipynb #94a07af9
+# %% ../nbs/03_data.ipynb #afb02135
 def disk_dataset(
     task: str,  # a name of `TASKS`
     root: str | Path,  # the `save_to_disk` folder, or its parent holding `<root>/<task>`
@@ -279,10 +279,10 @@ def disk_dataset(
         f"dataset_info.json, or dataset_dict.json). Make one where the hub is reachable: "
         f"datasets.load_dataset({info.hf_id!r}{cfg}, split={info.split!r}).save_to_disk(path)")
 
-# %% ../nbs/03_data.ipynb #a14abfc5
+# %% ../nbs/03_data.ipynb #c40b4662
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # as torchvision's ImageFolder
 
-# %% ../nbs/03_data.ipynb #324e8060
+# %% ../nbs/03_data.ipynb #66f0074f
 def image_folder(
     directory: str | Path,  # holds one folder per class
     keep: Callable[[str], bool] | None = None,  # file name -> keep it?
@@ -297,7 +297,7 @@ def image_folder(
                     paths.append(Path(dirpath) / f); labels.append(i)
     return classes, paths, np.asarray(labels, dtype=np.int64)
 
-# %% ../nbs/03_data.ipynb #7d491ed9
+# %% ../nbs/03_data.ipynb #120b8dc3
 _EUROSAT_NAMES = {"AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
     "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings", "Pasture": "pasture land",
     "PermanentCrop": "permanent crop land", "Residential": "residential buildings or homes or apartments",
@@ -314,7 +314,7 @@ def folder_class_name(
     if task == "SUN397": folder = re.sub(r"^[a-z]_", "", folder)
     return folder.replace("_", " ")
 
-# %% ../nbs/03_data.ipynb #06f3f55e
+# %% ../nbs/03_data.ipynb #703bde99
 def _require(task: str, root: Path, *paths: Path):
     "Fail with the expected layout when any of `paths` is missing."
     for p in paths:
@@ -339,7 +339,7 @@ def _imagefolder_raw(task: str, root: Path, directory: Path) -> RawTestSet:
     classes, paths, labels = image_folder(directory)
     return RawTestSet(str(directory), paths, _open_image, labels, [folder_class_name(task, c) for c in classes])
 
-# %% ../nbs/03_data.ipynb #a39585ed
+# %% ../nbs/03_data.ipynb #5ca18063
 def _resisc45_raw(task: str, root: Path) -> RawTestSet:
     split, directory = root / "resisc45" / "resisc45-test.txt", root / "resisc45" / "NWPU-RESISC45"
     _require(task, root, split, directory)
@@ -366,7 +366,7 @@ def _gtsrb_raw(task: str, root: Path) -> RawTestSet:
     labels = np.asarray([int(r["ClassId"]) for r in rows], dtype=np.int64)
     return RawTestSet(str(directory), [directory / r["Filename"] for r in rows], _open_image, labels, class_names(task))
 
-# %% ../nbs/03_data.ipynb #0a58e484
+# %% ../nbs/03_data.ipynb #05419724
 def read_idx(
     path: str | Path,  # an idx file (MNIST's format), optionally gzipped
 ) -> np.ndarray:  # uint8, shape from the header
@@ -383,7 +383,7 @@ def read_idx(
         raise ValueError(f"{path} is truncated or corrupt: the header says {dims}, the file holds {arr.size} values")
     return arr.reshape(dims)
 
-# %% ../nbs/03_data.ipynb #24790b6e
+# %% ../nbs/03_data.ipynb #975e1c2a
 def write_idx(
     path: str | Path,  # the file to write; gzipped when it ends in .gz
     arr: np.ndarray,  # any shape, values 0..255
@@ -393,7 +393,7 @@ def write_idx(
     head = (0x0800 | a.ndim).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in a.shape)
     with (gzip.open if Path(path).suffix == ".gz" else open)(path, "wb") as f: f.write(head + a.tobytes())
 
-# %% ../nbs/03_data.ipynb #434f7fb1
+# %% ../nbs/03_data.ipynb #5b450ddc
 def _mnist_raw(task: str, root: Path) -> RawTestSet:
     raw = root / "MNIST" / "raw"
     pick = lambda name: next((p for p in (raw / name, raw / f"{name}.gz") if p.exists()), raw / name)
@@ -414,7 +414,7 @@ def _svhn_raw(task: str, root: Path) -> RawTestSet:
     y[y == 10] = 0  # SVHN writes the digit 0 as 10
     return RawTestSet(str(path), x, Image.fromarray, y, class_names(task))
 
-# %% ../nbs/03_data.ipynb #dc51a9e1
+# %% ../nbs/03_data.ipynb #14bd1f04
 _IMAGEFOLDER_DIRS = {"SUN397": "sun397/test", "EuroSAT": "EuroSAT_splits/test", "DTD": "dtd/test"}
 _FOLDER_READERS = {"resisc45": _resisc45_raw, "cars": _cars_raw, "gtsrb": _gtsrb_raw, "mnist": _mnist_raw, "svhn": _svhn_raw}
 
@@ -427,10 +427,10 @@ def folder_raw(
     if info.folder_format == "imagefolder": return _imagefolder_raw(info.name, root, root / _IMAGEFOLDER_DIRS[info.name])
     return _FOLDER_READERS[info.folder_format](info.name, root)
 
-# %% ../nbs/03_data.ipynb #9ddd3445
+# %% ../nbs/03_data.ipynb #369b4e27
 SOURCES = ("hf", "disk", "folder")  # the hub (or its cache), a `save_to_disk` copy, the Task Arithmetic folders
 
-# %% ../nbs/03_data.ipynb #dc7e3b1a
+# %% ../nbs/03_data.ipynb #44b18cd4
 def read_source(
     task: str,  # a name of `TASKS`
     source: str = "hf",  # 'hf' (hub or its cache), 'disk' (`save_to_disk` copy) or 'folder' (Task Arithmetic folders)
@@ -451,7 +451,7 @@ def read_source(
                          f"but there are {len(raw.class_names)} classes: is it the {info.name} test set?")
     return raw
 
-# %% ../nbs/03_data.ipynb #de2c9f55
+# %% ../nbs/03_data.ipynb #760086b1
 def check_test_size(
     task: str,  # a name of `TASKS`
     n: int,  # number of images found
@@ -465,10 +465,10 @@ def check_test_size(
         raise ValueError(f"{task}: the test set at {where} has {n:,} images, expected {expected:,}. "
                          f"Is it the complete {task} test split? Pass check_size=False to use a subset on purpose.")
 
-# %% ../nbs/03_data.ipynb #6299df1d
+# %% ../nbs/03_data.ipynb #6d3b3d20
 CACHE_VERSION = 1  # bump when the cache layout or the preprocessing changes
 
-# %% ../nbs/03_data.ipynb #6318dd11
+# %% ../nbs/03_data.ipynb #121c190d
 def write_cache(
     path: str | Path,  # the cache folder to create or replace
     n: int,  # number of images
@@ -493,11 +493,11 @@ def write_cache(
         shutil.rmtree(tmp, ignore_errors=True); raise
     return path
 
-# %% ../nbs/03_data.ipynb #af9622a1
+# %% ../nbs/03_data.ipynb #799020b2
 class CacheError(ValueError):
     "A preprocessed test set cache that is missing, truncated or inconsistent."
 
-# %% ../nbs/03_data.ipynb #ab976c63
+# %% ../nbs/03_data.ipynb #eee42eb9
 def load_cache(
     path: str | Path,  # a folder written by `write_cache`
     mmap: bool = True,  # memory-map the images instead of reading them
@@ -520,7 +520,7 @@ def load_cache(
         warnings.simplefilter("ignore", UserWarning)  # torch warns that the memory map is read-only
         return TestSet(meta["task"], torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), list(names))
 
-# %% ../nbs/03_data.ipynb #ab1f6b17
+# %% ../nbs/03_data.ipynb #a74d7e25
 def save_cache(
     ts: TestSet,  # images (N, 3, S, S) uint8
     path: str | Path,  # the cache folder to create or replace
@@ -532,7 +532,7 @@ def save_cache(
     def fill(out): out[:] = ts.images.cpu().numpy()
     return write_cache(path, n, h, fill, ts.labels.cpu().numpy(), {"task": ts.name, "class_names": list(ts.class_names), **meta})
 
-# %% ../nbs/03_data.ipynb #e5c556bb
+# %% ../nbs/03_data.ipynb #e281f7d1
 def cache_path(
     cache_dir: str | Path,  # folder of all caches
     task: str,  # a name of `TASKS`
@@ -542,7 +542,7 @@ def cache_path(
     "The cache folder of one test set."
     return Path(cache_dir) / f"{task_info(task).name}-{source}-{image_size}"
 
-# %% ../nbs/03_data.ipynb #4943cab4
+# %% ../nbs/03_data.ipynb #306cb85e
 def load_test_set(
     task: str,  # a name of `TASKS`
     source: str = "hf",  # 'hf' (hub or its cache), 'disk' (`save_to_disk` copy) or 'folder' (Task Arithmetic folders)
@@ -572,7 +572,7 @@ def load_test_set(
                 adamerging_nb=getattr(adamerging_nb, "__version__", None))
     return load_cache(write_cache(path, len(raw), image_size, prep, raw.labels, meta))
 
-# %% ../nbs/03_data.ipynb #23a444be
+# %% ../nbs/03_data.ipynb #25a9136a
 def relabel(
     ts: TestSet,
     class_names: Sequence[str],  # every name of `ts.class_names` (and maybe more), in the wanted label order
@@ -586,7 +586,7 @@ def relabel(
     perm = torch.tensor([new.index(c) for c in old], dtype=torch.long)
     return TestSet(ts.name, ts.images, perm[ts.labels], new)
 
-# %% ../nbs/03_data.ipynb #8eaf788a
+# %% ../nbs/03_data.ipynb #3aa2388c
 def load_test_sets(
     tasks: Sequence[str] = tuple(TASKS),  # names of `TASKS`
     **kwargs,  # passed to `load_test_set`

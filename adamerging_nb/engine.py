@@ -6,7 +6,7 @@
 __all__ = ['merged_leaves', 'lambda_grad', 'DeviceSampler', 'engine_step', 'GraphedStep', 'adamerge_fast', 'zero_grad_layers',
            'device_accuracy']
 
-# %% ../nbs/05a_engine.ipynb #fbed393e
+# %% ../nbs/05a_engine.ipynb #e46cdb8a
 import contextlib
 from collections.abc import Mapping, Sequence
 import pandas as pd
@@ -20,7 +20,7 @@ from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import head_logits
 from .adamerging import Recipe, get_recipe, Profiler, AdaMergingResult, trajectory_rows
 
-# %% ../nbs/05a_engine.ipynb #175d1528
+# %% ../nbs/05a_engine.ipynb #f5b5534f
 def merged_leaves(
     model: MergedModel,
     lam: Tensor,  # (K, L) effective coefficients, no graph needed
@@ -35,7 +35,7 @@ def merged_leaves(
             for j, i in enumerate(idx): leaves[i] = merged[j].detach().requires_grad_(True)  # own leaf: no select-backward
     return leaves, dict(zip(model.layer_names, leaves))
 
-# %% ../nbs/05a_engine.ipynb #a6b61cd9
+# %% ../nbs/05a_engine.ipynb #4f1a41ef
 def lambda_grad(
     model: MergedModel,
     grads: Sequence[Tensor],  # ∂L/∂θ per layer, in layer order
@@ -52,7 +52,7 @@ def lambda_grad(
         out.index_copy_(1, getattr(model, f"idx_{g}"), gk.T.float())  # (n, K) -> columns of (K, L)
     return out
 
-# %% ../nbs/05a_engine.ipynb #17bb3a16
+# %% ../nbs/05a_engine.ipynb #3575b3fa
 class DeviceSampler:
     "Endless shuffled batches of one uint8 test set held on `device`."
     def __init__(self,
@@ -79,7 +79,7 @@ class DeviceSampler:
     def __iter__(self): return self
     def __next__(self) -> Tensor: return (self.images[self.next_indices()].float() - self.mean) / self.std  # = normalize(...)
 
-# %% ../nbs/05a_engine.ipynb #c1e28f37
+# %% ../nbs/05a_engine.ipynb #44d70821
 def engine_step(
     model: MergedModel,
     heads: Sequence[Tensor],  # one (C, D) head per task, in model.task_names order
@@ -116,7 +116,7 @@ def engine_step(
         eff.backward(G)  # through the clamp and, task-wise, the sum over layers
     return total
 
-# %% ../nbs/05a_engine.ipynb #1520efc3
+# %% ../nbs/05a_engine.ipynb #b6bda72f
 class GraphedStep:
     "`engine_step` captured once in a CUDA graph and replayed (CUDA only)."
     def __init__(self, model: MergedModel, heads: Sequence[Tensor], shapes: Sequence[tuple], batch_size: int,
@@ -136,7 +136,7 @@ class GraphedStep:
         self.graph.replay()
         return self.loss
 
-# %% ../nbs/05a_engine.ipynb #46bd7f62
+# %% ../nbs/05a_engine.ipynb #50a6cbd1
 def adamerge_fast(
     model: MergedModel,
     heads: Mapping[str, Tensor],  # task -> (C, D)
@@ -183,14 +183,14 @@ def adamerge_fast(
     losses = torch.stack([torch.as_tensor(l) for l in losses]).tolist() if losses else []
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05a_engine.ipynb #43fd663a
+# %% ../nbs/05a_engine.ipynb #792e705a
 def zero_grad_layers(
     layer_names: Sequence[str],
 ) -> list[int]:  # indices of layers whose gradient is zero by construction
     "Layers with an identically zero gradient: attention key biases cancel in the softmax."
     return [i for i, n in enumerate(layer_names) if n.endswith("attn.in_proj_bias")]
 
-# %% ../nbs/05a_engine.ipynb #c29a99a6
+# %% ../nbs/05a_engine.ipynb #8d21fd78
 @torch.inference_mode()
 def device_accuracy(
     model: torch.nn.Module,  # encoder: normalised images -> features

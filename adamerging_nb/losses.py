@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['entropy_loss']
 
-# %% ../nbs/00_losses.ipynb #c4d9c8ad
+# %% ../nbs/00_losses.ipynb #71e4f174
 import torch
 from torch import Tensor
 
-# %% ../nbs/00_losses.ipynb #656bae37
+# %% ../nbs/00_losses.ipynb #428faea3
 def entropy_loss(
     logits: Tensor,  # (batch, classes) unnormalised scores
 ) -> Tensor:  # scalar: mean Shannon entropy of softmax(logits)

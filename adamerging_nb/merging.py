@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['group_by_shape', 'MergedModel', 'TaskWiseMergedModel', 'LayerWiseMergedModel', 'reference_merge']
 
-# %% ../nbs/02_merging.ipynb #13f119b4
+# %% ../nbs/02_merging.ipynb #b32328f4
 import copy
 from collections.abc import Mapping, Sequence
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from .task_vectors import state_dict_of, task_vectors as make_task_vectors
 
-# %% ../nbs/02_merging.ipynb #883a6658
+# %% ../nbs/02_merging.ipynb #fe9f20dc
 def group_by_shape(
     names: Sequence[str],  # layer names, in model order
     tensors: Mapping[str, Tensor],  # name -> tensor (used for shape and dtype)
@@ -23,7 +23,7 @@ def group_by_shape(
     for i, n in enumerate(names): groups.setdefault((tuple(tensors[n].shape), tensors[n].dtype), []).append(i)
     return list(groups.values())
 
-# %% ../nbs/02_merging.ipynb #5a26c28c
+# %% ../nbs/02_merging.ipynb #1a6d8d4e
 class MergedModel(nn.Module):
     "θ = θ₀ + Σ_k λ_k τ_k over the floating-point parameters of `pretrained`; subclasses set λ's granularity."
     def __init__(self,
@@ -56,7 +56,7 @@ class MergedModel(nn.Module):
         self.skeleton.train(pretrained.training); self.train(pretrained.training)
         self.merge_weight = nn.Parameter(self._initial_weight(init_values))
 
-# %% ../nbs/02_merging.ipynb #09288e1a
+# %% ../nbs/02_merging.ipynb #1d41a27b
 def _check_task_vectors(tv: Mapping[str, Tensor], base: Mapping[str, Tensor], layer_names: Sequence[str]):
     "Raise if `tv` does not hold one (K, *shape) tensor per floating-point parameter."
     missing, extra = [n for n in layer_names if n not in tv], [n for n in tv if n not in set(layer_names)]
@@ -67,7 +67,7 @@ def _check_task_vectors(tv: Mapping[str, Tensor], base: Mapping[str, Tensor], la
     bad = [n for n in layer_names if tv[n].shape[1:] != base[n].shape]
     if bad: raise ValueError(f"task vector shapes differ from the model's for {bad[:5]}")
 
-# %% ../nbs/02_merging.ipynb #119a863a
+# %% ../nbs/02_merging.ipynb #4727dddc
 def _merge(self: MergedModel,
            lam: Tensor,  # (K, L) coefficient per task and layer
           ) -> dict[str, Tensor]:  # layer name -> merged tensor
@@ -96,7 +96,7 @@ def _train(self: MergedModel, mode: bool = True):
     return self
 MergedModel.train = _train
 
-# %% ../nbs/02_merging.ipynb #d9f8576b
+# %% ../nbs/02_merging.ipynb #7c2ecbf0
 class TaskWiseMergedModel(MergedModel):
     "Task-wise AdaMerging: one λ per task, `merge_weight` of shape (K,)."
     def _initial_weight(self, init_values): return torch.as_tensor(init_values, dtype=torch.float32).expand(self.n_tasks).clone()
@@ -105,7 +105,7 @@ class TaskWiseMergedModel(MergedModel):
         w = self.merge_weight.clamp(0, 1) if self.clamp_weights else self.merge_weight
         return w[:, None].expand(self.n_tasks, len(self.layer_names))
 
-# %% ../nbs/02_merging.ipynb #bbc2f7e5
+# %% ../nbs/02_merging.ipynb #028ab70b
 class LayerWiseMergedModel(MergedModel):
     "Layer-wise AdaMerging: one λ per task and parameter tensor, `merge_weight` of shape (K, L)."
     def _initial_weight(self, init_values):
@@ -114,7 +114,7 @@ class LayerWiseMergedModel(MergedModel):
         "Effective coefficient per task and layer."
         return self.merge_weight.clamp(0, 1) if self.clamp_weights else self.merge_weight
 
-# %% ../nbs/02_merging.ipynb #5f0f1974
+# %% ../nbs/02_merging.ipynb #82e0ac3f
 def reference_merge(
     pretrained: nn.Module,
     finetuned: Sequence[nn.Module],
@@ -130,7 +130,7 @@ def reference_merge(
         out[n] = t
     return out
 
-# %% ../nbs/02_merging.ipynb #8aba66ea
+# %% ../nbs/02_merging.ipynb #099dd787
 def _merge_and_unload(self: MergedModel) -> nn.Module:
     "A plain module of the pretrained architecture holding the current merged weights."
     with torch.no_grad():

@@ -6,15 +6,15 @@
 __all__ = ['TA8', 'reference_file', 'paper_results', 'official_trajectories', 'official_eval_log', 'official_coefficients',
            'official_layer_index', 'classnames_templates']
 
-# %% ../nbs/01b_reference.ipynb #6623c529
+# %% ../nbs/01b_reference.ipynb #63c7e71a
 from importlib.resources import files
 import json
 import pandas as pd
 
-# %% ../nbs/01b_reference.ipynb #97c455ae
+# %% ../nbs/01b_reference.ipynb #0b92ff67
 TA8 = ["SUN397", "Cars", "RESISC45", "EuroSAT", "SVHN", "GTSRB", "MNIST", "DTD"]
 
-# %% ../nbs/01b_reference.ipynb #be91ca08
+# %% ../nbs/01b_reference.ipynb #2f17a61e
 def reference_file(
     name: str,  # a file name under adamerging_nb/reference/
 ):
@@ -25,7 +25,7 @@ def reference_file(
         raise FileNotFoundError(f"no reference file {name!r}; shipped files: {known}")
     return p
 
-# %% ../nbs/01b_reference.ipynb #de719855
+# %% ../nbs/01b_reference.ipynb #81ebd37a
 def paper_results() -> pd.DataFrame:
     "Accuracy (%) per task and average: the paper's tables, the authors' logs and FusionBench's numbers."
     return pd.read_csv(reference_file("paper_results.csv"))

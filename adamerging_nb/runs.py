@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['write_atomic', 'git_commit', 'run_config', 'prepare_output', 'save_run', 'resolve_device', 'pool_arguments',
-           'resolve_methods', 'run_table']
+           'resolve_methods', 'run_table', 'recipe_overrides', 'seed_summary', 'figure_source', 'draw_run_figures']
 
-# %% ../nbs/10_runs.ipynb #7f7036fb
+# %% ../nbs/10_runs.ipynb #1cc66e44
 import json, os, platform, subprocess, tempfile, time
 from pathlib import Path
 import pandas as pd
@@ -14,7 +14,7 @@ import torch
 from .adamerging import save_weights
 from .evaluate import table_markdown
 
-# %% ../nbs/10_runs.ipynb #bdd478b2
+# %% ../nbs/10_runs.ipynb #92f8bed8
 def write_atomic(
     path: str | os.PathLike,
     data: str | bytes,
@@ -28,7 +28,7 @@ def write_atomic(
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-# %% ../nbs/10_runs.ipynb #27b9122f
+# %% ../nbs/10_runs.ipynb #5bf703b3
 def git_commit(folder: str | os.PathLike = ".") -> str | None:
     "The commit checked out in `folder`, with `+dirty` when it has changes; None outside a git checkout."
     try:
@@ -37,7 +37,7 @@ def git_commit(folder: str | os.PathLike = ".") -> str | None:
         return (sha + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError): return None
 
-# %% ../nbs/10_runs.ipynb #aa9c02ba
+# %% ../nbs/10_runs.ipynb #fc84fce7
 def run_config(
     params: dict,  # the notebook's parameters
     device: str | torch.device,
@@ -51,7 +51,7 @@ def run_config(
                          "numpy": numpy.__version__, "pandas": pd.__version__, "adamerging_nb": adamerging_nb.__version__},
             "git_commit": git_commit(Path(adamerging_nb.__file__).parent), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
-# %% ../nbs/10_runs.ipynb #cf5a1c7d
+# %% ../nbs/10_runs.ipynb #1f9aab6b
 def prepare_output(
     out_dir: str | os.PathLike,
     params: dict,  # this run's parameters
@@ -70,7 +70,7 @@ def prepare_output(
     out.mkdir(parents=True, exist_ok=True)
     return out
 
-# %% ../nbs/10_runs.ipynb #47d3a931
+# %% ../nbs/10_runs.ipynb #52babdef
 def save_run(
     out_dir: str | os.PathLike,
     table: pd.DataFrame,  # from run_methods
@@ -97,7 +97,7 @@ def save_run(
     put("config.json", json.dumps(config, indent=2, default=str))
     return files
 
-# %% ../nbs/10_runs.ipynb #c538cff5
+# %% ../nbs/10_runs.ipynb #e09b2ea3
 def resolve_device(device: str = "auto") -> torch.device:
     "'auto' picks CUDA when available; asking for CUDA without a GPU is an error."
     if device == "auto": return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +105,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available(): raise ValueError(f"device={device!r} but no CUDA device is visible; use device='cpu' or 'auto'")
     return dev
 
-# %% ../nbs/10_runs.ipynb #41e13406
+# %% ../nbs/10_runs.ipynb #d0e8a1c2
 def pool_arguments(
     pool: str,  # a registered pool name
     checkpoint_root: str = "",  # vit-b-32-ta8: folder with <model>/zeroshot.pt etc.
@@ -132,7 +132,7 @@ def pool_arguments(
     elif pool == "mini" and cache_dir: kw["cache_dir"] = cache_dir
     return kw
 
-# %% ../nbs/10_runs.ipynb #9521a901
+# %% ../nbs/10_runs.ipynb #2afb435c
 def resolve_methods(methods: str = "all") -> list[str]:
     "'all' or a comma-separated list of rows of the paper's table (names as in `baselines.METHODS`)."
     from adamerging_nb.baselines import METHODS, OFFICIAL_METHODS
@@ -141,7 +141,7 @@ def resolve_methods(methods: str = "all") -> list[str]:
     if bad := [m for m in out if m not in METHODS + OFFICIAL_METHODS]: raise ValueError(f"unknown methods {bad}; known: {METHODS + OFFICIAL_METHODS}")
     return out
 
-# %% ../nbs/10_runs.ipynb #17b8ff91
+# %% ../nbs/10_runs.ipynb #8bccc146
 def run_table(
     pool,  # a ModelPool
     methods: list[str],
@@ -171,3 +171,56 @@ def run_table(
     if "paper_model" not in kw: kw["model"] = pool_model(pool)[1]
     else: kw["model"] = kw.pop("paper_model")
     return results_table(mean, pool.task_names, **kw), extras
+
+# %% ../nbs/10_runs.ipynb #adebdafe
+def recipe_overrides(
+    pool: str, recipe: str = "paper",
+    steps: int = 0, batch_size: int = 0, lr: float = 0.0,  # 0: the recipe's (or the pool's) value
+    log_every: int = 10, eval_every: int = 0,
+) -> dict:  # keyword arguments for `merge_pool` / `run_methods`
+    "Recipe overrides from notebook parameters, with the pool's defaults."
+    from adamerging_nb.adamerging import get_recipe
+    get_recipe(recipe)  # unknown recipe: fail here, with the known ones
+    base = {}
+    if pool == "mini":
+        try: from adamerging_nb.mini import RECIPE_OVERRIDES as base
+        except ImportError: base = {}
+    out = {**base, **{k: v for k, v in dict(steps=steps, batch_size=batch_size, lr=lr).items() if v}}
+    if log_every <= 0: raise ValueError(f"log_every must be positive, got {log_every}")
+    if eval_every and eval_every % log_every: raise ValueError(f"eval_every ({eval_every}) must be a multiple of log_every ({log_every})")
+    return {**out, "log_every": log_every, "eval_every": eval_every}
+
+# %% ../nbs/10_runs.ipynb #b516c58c
+def seed_summary(extras: dict) -> pd.DataFrame:
+    "Mean and standard deviation over seeds of each method's average accuracy (%)."
+    a = extras["accuracies_by_seed"].groupby(["method", "seed"], sort=False).accuracy.mean().mul(100).reset_index()
+    return a.groupby("method", sort=False).accuracy.agg(["mean", "std", "count"]).rename(columns={"count": "seeds"})
+
+# %% ../nbs/10_runs.ipynb #9d785a4c
+def figure_source(pool: str) -> str:
+    "The label of figures drawn from a run on `pool`."
+    from adamerging_nb.plots import SOURCES
+    return {"mini": SOURCES["mini"], "tiny": "tiny test pool (random weights), this project"}.get(pool, SOURCES["gpu"])
+
+# %% ../nbs/10_runs.ipynb #03120943
+def draw_run_figures(
+    run_dir: str | os.PathLike,  # a folder written by `save_run`
+    source: str,  # label printed on every figure
+    folder: str | os.PathLike | None = None,  # where to save; default <run_dir>/figures
+    prefix: str = "",  # file name prefix, e.g. 'mini_'
+) -> list[Path]:  # files written (PNG and PDF)
+    "Task-wise trajectories, layer-wise heatmaps and result bars of a run, saved as PNG and PDF."
+    import matplotlib.pyplot as plt
+    from adamerging_nb import plots
+    run, out, files = Path(run_dir), Path(folder) if folder else Path(run_dir) / "figures", []
+    lam = pd.read_csv(run / "lambdas.csv")
+    names = pd.read_csv(run / "layers.csv").name.tolist() if (run / "layers.csv").exists() else None
+    def save(fig, stem): files.extend(plots.save_figure(fig, out / f"{prefix}{stem}")); plt.close(fig)
+    if tw := [m for m in ("tw_adamerging", "tw_adamergingpp") if m in set(lam.method)]:
+        save(plots.plot_task_trajectories(lam, methods=tw, source=source), "task_trajectories")
+    if lw := [m for m in ("lw_adamerging", "lw_adamergingpp") if m in set(lam.method)]:
+        save(plots.plot_layer_heatmaps(lam, methods=lw, layer_names=names, source=source), "layer_heatmaps")
+    save(plots.plot_results_bars(pd.read_csv(run / "results.csv"), source=source), "results")
+    if (run / "eval_log.csv").exists():
+        save(plots.plot_accuracy_vs_step({"this run": pd.read_csv(run / "eval_log.csv")}, source=source), "accuracy_vs_step")
+    return files

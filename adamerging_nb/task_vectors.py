@@ -6,12 +6,12 @@
 __all__ = ['state_dict_of', 'check_same_layout', 'task_vectors', 'flatten', 'unflatten', 'ties_trim', 'ties_elect', 'ties_select',
            'ties_task_vectors']
 
-# %% ../nbs/01_task_vectors.ipynb #2bd9a1bd
+# %% ../nbs/01_task_vectors.ipynb #e87a584d
 from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-# %% ../nbs/01_task_vectors.ipynb #190a24b1
+# %% ../nbs/01_task_vectors.ipynb #26e51a85
 def state_dict_of(
     model: nn.Module | Mapping[str, Tensor],  # a module or a state dict
 ) -> dict[str, Tensor]:  # name -> tensor, detached
@@ -20,7 +20,7 @@ def state_dict_of(
     if not isinstance(sd, Mapping): raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
     return {k: v.detach() for k, v in sd.items()}
 
-# %% ../nbs/01_task_vectors.ipynb #2076c44e
+# %% ../nbs/01_task_vectors.ipynb #7d1cd096
 def check_same_layout(
     reference: Mapping[str, Tensor],  # the pretrained state dict
     other: Mapping[str, Tensor],  # a fine-tuned state dict
@@ -36,7 +36,7 @@ def check_same_layout(
     bad = [f"{k}: {tuple(reference[k].shape)} vs {tuple(other[k].shape)}" for k in reference if reference[k].shape != other[k].shape]
     if bad: raise ValueError(f"the {what} has tensors of other shapes than the pretrained model: {bad[:5]}")
 
-# %% ../nbs/01_task_vectors.ipynb #0e321260
+# %% ../nbs/01_task_vectors.ipynb #550b0e29
 def task_vectors(
     pretrained: nn.Module | Mapping[str, Tensor],  # θ₀
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
@@ -53,14 +53,14 @@ def task_vectors(
                                  "only floating-point weights may differ")
     return {k: torch.stack([sd[k] - v for sd in sds]) for k, v in base.items() if v.is_floating_point()}
 
-# %% ../nbs/01_task_vectors.ipynb #4adcd804
+# %% ../nbs/01_task_vectors.ipynb #5ab36810
 def flatten(
     tv: Mapping[str, Tensor],  # name -> (K, *shape)
 ) -> Tensor:  # (K, D) all entries of each task vector, in dict order
     "Concatenate stacked task vectors into one row per task."
     return torch.cat([v.reshape(v.shape[0], -1) for v in tv.values()], dim=1)
 
-# %% ../nbs/01_task_vectors.ipynb #2f9264dd
+# %% ../nbs/01_task_vectors.ipynb #6ee7730f
 def unflatten(
     flat: Tensor,  # (K, D)
     like: Mapping[str, Tensor],  # name -> (K, *shape), gives names and shapes
@@ -74,7 +74,7 @@ def unflatten(
     if i != flat.shape[1]: raise ValueError(f"flat task vectors have {flat.shape[1]} entries, the layout needs {i}")
     return out
 
-# %% ../nbs/01_task_vectors.ipynb #02f2b206
+# %% ../nbs/01_task_vectors.ipynb #23e90303
 def ties_trim(
     flat: Tensor,  # (K, D) flattened task vectors
     density: float = 0.2,  # fraction of entries to keep per task
@@ -89,7 +89,7 @@ def ties_trim(
     thresh = flat.abs().float().kthvalue(k, dim=1, keepdim=True).values
     return flat * (flat.abs() >= thresh)
 
-# %% ../nbs/01_task_vectors.ipynb #e0be4469
+# %% ../nbs/01_task_vectors.ipynb #2155711e
 def ties_elect(
     trimmed: Tensor,  # (K, D) trimmed task vectors
 ) -> Tensor:  # (D,) elected sign per entry, in {-1, +1}
@@ -98,7 +98,7 @@ def ties_elect(
     majority = torch.sign(sign.sum())
     return torch.where(sign == 0, majority, sign)
 
-# %% ../nbs/01_task_vectors.ipynb #92e7b2f4
+# %% ../nbs/01_task_vectors.ipynb #f1672858
 def ties_select(
     trimmed: Tensor,  # (K, D)
     sign: Tensor,  # (D,) elected signs
@@ -107,7 +107,7 @@ def ties_select(
     keep = torch.where(sign > 0, trimmed > 0, trimmed < 0)
     return trimmed * keep
 
-# %% ../nbs/01_task_vectors.ipynb #1bedefa3
+# %% ../nbs/01_task_vectors.ipynb #50877d9e
 def ties_task_vectors(
     tv: Mapping[str, Tensor],  # name -> (K, *shape) task vectors
     density: float = 0.2,  # fraction kept per task by magnitude, over the whole model

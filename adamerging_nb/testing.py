@@ -5,14 +5,14 @@
 # %% auto #0
 __all__ = ['same_state', 'tiny_encoder', 'tiny_finetuned', 'TinySetup', 'tiny_setup', 'tiny_pool']
 
-# %% ../nbs/01a_testing.ipynb #76d65127
+# %% ../nbs/01a_testing.ipynb #560bee33
 import copy
 from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from open_clip.transformer import VisionTransformer
 
-# %% ../nbs/01a_testing.ipynb #2241189a
+# %% ../nbs/01a_testing.ipynb #94d74d73
 def same_state(
     a: nn.Module | dict,  # a module or a state dict
     b: nn.Module | dict,
@@ -21,7 +21,7 @@ def same_state(
     a, b = (m.state_dict() if isinstance(m, nn.Module) else m for m in (a, b))
     return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
-# %% ../nbs/01a_testing.ipynb #17f7900f
+# %% ../nbs/01a_testing.ipynb #40212199
 def tiny_encoder(
     seed: int = 0,  # seeds the random initialisation
     image_size: int = 16,  # input images are (3, image_size, image_size)
@@ -41,7 +41,7 @@ def tiny_encoder(
                 if p.ndim == 1: p.add_((0.1 if ".ln" in n or n.startswith("ln") else 0.02) * torch.randn_like(p))
     return m.eval()
 
-# %% ../nbs/01a_testing.ipynb #34d77998
+# %% ../nbs/01a_testing.ipynb #616427bd
 def tiny_finetuned(
     pretrained: nn.Module,  # the model to copy
     n_tasks: int = 3,
@@ -61,7 +61,7 @@ def tiny_finetuned(
         out.append(m)
     return out
 
-# %% ../nbs/01a_testing.ipynb #549270c7
+# %% ../nbs/01a_testing.ipynb #9e1cec1a
 @dataclass
 class TinySetup:
     "Models, heads and data of a tiny merging problem."
@@ -72,7 +72,7 @@ class TinySetup:
     images: dict[str, Tensor]  # task -> (N, 3, H, W) unlabeled images
     labels: dict[str, Tensor]  # task -> (N,) class ids (for evaluation tests)
 
-# %% ../nbs/01a_testing.ipynb #852a2d56
+# %% ../nbs/01a_testing.ipynb #492aef78
 def tiny_setup(
     n_tasks: int = 3,
     n_images: int = 24,  # images per task
@@ -93,7 +93,7 @@ def tiny_setup(
         labels[t] = torch.randint(0, 3 + i, (n_images,), generator=gen)
     return TinySetup(pre, fts, names, heads, images, labels)
 
-# %% ../nbs/01a_testing.ipynb #d8825c1e
+# %% ../nbs/01a_testing.ipynb #ef38c02b
 def tiny_pool(
     n_tasks: int = 3,
     n_images: int = 24,  # test images per task
