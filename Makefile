@@ -23,8 +23,16 @@ $(BIN)/.installed: setup.py settings.ini
 
 setup: $(BIN)/.installed
 
+# The main job: every row of the table on the embedded miniature (CPU), then the figures.
 reproduce: setup
-	$(BIN)/python -m adamerging_nb.cli reproduce --out $(RUNS)
+	mkdir -p $(RUNS)/mini
+	$(BIN)/papermill nbs/11_reproduce.ipynb $(RUNS)/mini/11_reproduce.ipynb -p output_dir $(RUNS)/mini
+	$(BIN)/papermill nbs/12_figures.ipynb $(RUNS)/mini/12_figures.ipynb -p run_dir $(RUNS)/mini -p output_dir figures -p prefix mini_
+	@echo "results: $(RUNS)/mini/results.md (and .csv), trajectories: $(RUNS)/mini/lambdas.csv, figures: figures/mini_*.png"
+
+# Engine against the reference loop (full size on a GPU, a tiny model on CPU).
+bench: setup
+	$(BIN)/adamerging-bench --out $(RUNS)/bench.json
 
 test: setup
 	$(BIN)/nbdev_test --n_workers 2
