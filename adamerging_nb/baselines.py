@@ -6,7 +6,7 @@
 __all__ = ['METHODS', 'OFFICIAL_METHODS', 'weight_averaging', 'task_arithmetic', 'ties_merging', 'official_text_entries',
            'load_merged', 'official_layer_keys', 'official_merge_weights', 'merge_method', 'pool_model', 'run_methods']
 
-# %% ../nbs/07_baselines.ipynb #596de43c
+# %% ../nbs/07_baselines.ipynb #b556ef9e
 import copy, time
 from collections.abc import Mapping, Sequence
 import pandas as pd
@@ -18,7 +18,7 @@ from .reference import TA8, paper_results, official_coefficients, official_layer
 from .adamerging import ADAMERGING_METHODS, merge_pool
 from .evaluate import evaluate, results_table
 
-# %% ../nbs/07_baselines.ipynb #69633a35
+# %% ../nbs/07_baselines.ipynb #f316ed98
 def _states(pretrained, finetuned) -> tuple[dict, list[dict]]:
     "Detached state dicts of the pretrained and fine-tuned models, checked to share one layout."
     if len(finetuned) == 0: raise ValueError("merging needs at least one fine-tuned model")
@@ -30,7 +30,7 @@ def _with_updates(base: Mapping[str, Tensor], merged: Mapping[str, Tensor]) -> d
     "The pretrained state dict with its floating-point tensors replaced by `merged`."
     return {k: (merged[k].to(v.dtype) if k in merged else v.clone()) for k, v in base.items()}
 
-# %% ../nbs/07_baselines.ipynb #9f9f02b2
+# %% ../nbs/07_baselines.ipynb #02469554
 def weight_averaging(
     pretrained: nn.Module | Mapping[str, Tensor],  # gives the layout and the non-float buffers
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
@@ -39,7 +39,7 @@ def weight_averaging(
     base, sds = _states(pretrained, finetuned)
     return _with_updates(base, {k: torch.stack([sd[k] for sd in sds]).mean(0) for k, v in base.items() if v.is_floating_point()})
 
-# %% ../nbs/07_baselines.ipynb #7fc66c47
+# %% ../nbs/07_baselines.ipynb #eead9159
 def task_arithmetic(
     pretrained: nn.Module | Mapping[str, Tensor],  # θ₀
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
@@ -50,20 +50,21 @@ def task_arithmetic(
     tv = task_vectors(base, sds)
     return _with_updates(base, {k: base[k] + scaling * v.sum(0) for k, v in tv.items()})
 
-# %% ../nbs/07_baselines.ipynb #b3602496
+# %% ../nbs/07_baselines.ipynb #733d86c0
 def ties_merging(
     pretrained: nn.Module | Mapping[str, Tensor],  # θ₀
     finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
     density: float = 0.2,  # fraction of each task vector kept by magnitude, over the whole model
     scaling: float = 0.3,  # λ applied to the summed agreeing entries
     extra_zeros: int = 0,  # zero entries counted in the flattened length (official checkpoints: see above)
+    device: str | torch.device | None = None,  # where TIES runs (a GPU makes its top-k fast); the result stays with θ₀
 ) -> dict[str, Tensor]:  # merged state dict
     "θ₀ + scaling · Σ_k TIES(τ)_k: trim to the top `density`, elect signs, sum agreeing entries."
     base, sds = _states(pretrained, finetuned)
-    tv = ties_task_vectors(task_vectors(base, sds), density, extra_zeros)
-    return _with_updates(base, {k: base[k] + scaling * v.sum(0) for k, v in tv.items()})
+    tv = ties_task_vectors({k: v.to(device) for k, v in task_vectors(base, sds).items()} if device else task_vectors(base, sds), density, extra_zeros)
+    return _with_updates(base, {k: base[k] + scaling * v.sum(0).to(base[k].device) for k, v in tv.items()})
 
-# %% ../nbs/07_baselines.ipynb #c3eeaf27
+# %% ../nbs/07_baselines.ipynb #7cbf55ca
 def official_text_entries(
     model_name: str = "ViT-B-32",  # an open_clip model name
 ) -> int:  # number of text-side floating-point entries in a Task Arithmetic ImageEncoder checkpoint
@@ -74,7 +75,7 @@ def official_text_entries(
     t, d = cfg["text_cfg"], cfg["embed_dim"]
     return t["context_length"] * t["width"] + t["width"] * d + 1 + t["vocab_size"] * t["width"] + 2 * t["width"]
 
-# %% ../nbs/07_baselines.ipynb #f9c0b6ac
+# %% ../nbs/07_baselines.ipynb #3bfa5fa1
 def load_merged(
     pretrained: nn.Module,  # gives the architecture; not modified
     state: Mapping[str, Tensor],  # a merged state dict (from `task_arithmetic`, ...)
@@ -84,7 +85,7 @@ def load_merged(
     m.load_state_dict(state)
     return m.eval()
 
-# %% ../nbs/07_baselines.ipynb #a6d0aba8
+# %% ../nbs/07_baselines.ipynb #d5e8d634
 _BLOCK = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
           "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias"]
 
@@ -102,7 +103,7 @@ def official_layer_keys(
     return (["positional_embedding", "text_projection", "logit_scale"] + ["visual." + v for v in visual]
             + ["token_embedding.weight", "ln_final.weight", "ln_final.bias"])
 
-# %% ../nbs/07_baselines.ipynb #e62348f4
+# %% ../nbs/07_baselines.ipynb #0d9347d4
 def official_merge_weights(
     model_name: str = "ViT-B-32",  # `model` column of the released table
     method: str = "lw_adamerging",  # tw_/lw_ adamerging or adamergingpp
@@ -134,11 +135,11 @@ def official_merge_weights(
                          f"{missing[:5]}, coefficients for tensors the model lacks {unused[:5]}. Merge the image encoder of {model_name}.")
     return torch.tensor(table.loc[[table.index[row[k]] for k in want]].values.T, dtype=torch.float32)
 
-# %% ../nbs/07_baselines.ipynb #3836884d
+# %% ../nbs/07_baselines.ipynb #adf6b1ed
 METHODS = ["pretrained", "individual", "weight_averaging", "task_arithmetic", "ties_merging", *ADAMERGING_METHODS]
 OFFICIAL_METHODS = [f"official_{m}" for m in ADAMERGING_METHODS]
 
-# %% ../nbs/07_baselines.ipynb #dca74d7b
+# %% ../nbs/07_baselines.ipynb #f92f9d54
 def merge_method(
     pool: ModelPool,
     method: str,  # a name in METHODS or OFFICIAL_METHODS
@@ -157,7 +158,7 @@ def merge_method(
     if method == "individual": return dict(pool.finetuned), None
     if method == "weight_averaging": return load_merged(pool.pretrained, weight_averaging(pool.pretrained, fts)), None
     if method == "task_arithmetic": return load_merged(pool.pretrained, task_arithmetic(pool.pretrained, fts)), None
-    if method == "ties_merging": return load_merged(pool.pretrained, ties_merging(pool.pretrained, fts, extra_zeros=ties_extra_zeros)), None
+    if method == "ties_merging": return load_merged(pool.pretrained, ties_merging(pool.pretrained, fts, extra_zeros=ties_extra_zeros, device=device)), None
     if method in ADAMERGING_METHODS: return merge_pool(pool, method, recipe, seed, device, progress=progress, **overrides)
     if method in OFFICIAL_METHODS:
         base = method.removeprefix("official_")
@@ -166,7 +167,7 @@ def merge_method(
         return merge_pool(pool, base, recipe, seed, device, weights=w, progress=progress, **overrides)[0], w
     raise ValueError(f"unknown method {method!r}; known: {METHODS + OFFICIAL_METHODS}")
 
-# %% ../nbs/07_baselines.ipynb #adcc7ce2
+# %% ../nbs/07_baselines.ipynb #d608e920
 def pool_model(
     pool: ModelPool | str,  # a pool or its name
 ) -> tuple[str | None, str | None]:  # (open_clip model of official checkpoints or None, `model` of paper_results() or None)
@@ -176,7 +177,7 @@ def pool_model(
     official = {m.lower(): m for m in ("ViT-B-32", "ViT-B-16", "ViT-L-14")}.get(key)
     return official, published
 
-# %% ../nbs/07_baselines.ipynb #0a0637b1
+# %% ../nbs/07_baselines.ipynb #00c54783
 def run_methods(
     pool: ModelPool,
     methods: Sequence[str] | None = None,  # default: METHODS (every row computable without training data)
