@@ -7,7 +7,7 @@ __all__ = ['RECIPES', 'ADAMERGING_METHODS', 'Recipe', 'get_recipe', 'Profiler', 
            'NonFiniteError', 'first_non_finite', 'adamerge', 'adamerging_loaders', 'save_weights', 'load_weights',
            'merged_wrapper', 'merge_pool']
 
-# %% ../nbs/05_adamerging.ipynb #0d5ee5f0
+# %% ../nbs/05_adamerging.ipynb #5e059ee6
 import json, os, tempfile, time
 from pathlib import Path
 from collections import defaultdict
@@ -27,7 +27,7 @@ from .merging import MergedModel, TaskWiseMergedModel, LayerWiseMergedModel
 from .data import InfiniteDataLoader, batches
 from .models import head_logits, ModelPool
 
-# %% ../nbs/05_adamerging.ipynb #6f98dbd1
+# %% ../nbs/05_adamerging.ipynb #fa8ffa40
 @dataclass(frozen=True)
 class Recipe:
     "Every setting of an AdaMerging run."
@@ -44,7 +44,7 @@ RECIPES = {
     "fusionbench": Recipe(steps=1000, batches_per_task=1, batch_size=16, lr=1e-3, clamp_weights=False),
 }
 
-# %% ../nbs/05_adamerging.ipynb #ad133237
+# %% ../nbs/05_adamerging.ipynb #438dec2c
 def get_recipe(
     recipe: str | Recipe = "paper",  # a name in `RECIPES` or a `Recipe`
     **overrides,  # any `Recipe` field; None values are ignored
@@ -58,7 +58,7 @@ def get_recipe(
     if bad: raise ValueError(f"unknown recipe settings {bad}; settings are {sorted(names)}")
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
-# %% ../nbs/05_adamerging.ipynb #9c4b4684
+# %% ../nbs/05_adamerging.ipynb #073a711b
 class Profiler:
     "Wall-clock time per named phase."
     def __init__(self, sync: bool = False):  # synchronise CUDA at phase boundaries
@@ -79,7 +79,7 @@ class Profiler:
         return df
     def __repr__(self): return self.report().to_string(float_format=lambda x: f"{x:.5f}") if self.times else "Profiler (empty)"
 
-# %% ../nbs/05_adamerging.ipynb #283f4f85
+# %% ../nbs/05_adamerging.ipynb #0232d46e
 def trajectory_rows(
     model: MergedModel,
     step: int,
@@ -90,7 +90,7 @@ def trajectory_rows(
     if w.ndim == 1: return [(step, -1, t, float(w[k])) for k, t in enumerate(model.task_names)]
     return [(step, l, t, float(w[k, l])) for k, t in enumerate(model.task_names) for l in range(w.shape[1])]
 
-# %% ../nbs/05_adamerging.ipynb #48d7fb10
+# %% ../nbs/05_adamerging.ipynb #1e474392
 @dataclass
 class AdaMergingResult:
     "What an AdaMerging run returns."
@@ -102,11 +102,11 @@ class AdaMergingResult:
     layer_names: list
     eval_log: pd.DataFrame | None = None  # step, task, accuracy, when evaluated during the run
 
-# %% ../nbs/05_adamerging.ipynb #11ee295c
+# %% ../nbs/05_adamerging.ipynb #e03996c8
 class NonFiniteError(FloatingPointError):
     "A loss or merging weight became NaN or infinite during adaptation."
 
-# %% ../nbs/05_adamerging.ipynb #de241b5f
+# %% ../nbs/05_adamerging.ipynb #ca7961e0
 def first_non_finite(
     losses: Tensor,  # (steps, K) per-task losses of consecutive steps
     first_step: int,  # the step of row 0
@@ -118,14 +118,14 @@ def first_non_finite(
     i, k = (int(v) for v in bad.nonzero()[0])
     return first_step + i, task_names[k]
 
-# %% ../nbs/05_adamerging.ipynb #41631290
+# %% ../nbs/05_adamerging.ipynb #556594d4
 def _images(batch):
     "The image tensor of a batch that may be a tensor, a tuple/list (images first) or a dict."
     if isinstance(batch, Tensor): return batch
     if isinstance(batch, Mapping): return batch["images"]
     return batch[0]
 
-# %% ../nbs/05_adamerging.ipynb #9bfd4d8d
+# %% ../nbs/05_adamerging.ipynb #d00bf6b1
 def adamerge(
     model: MergedModel,  # the merged-model wrapper; its `merge_weight` is trained in place
     heads: Mapping[str, Tensor],  # task -> (C, D) frozen head
@@ -172,7 +172,7 @@ def adamerge(
     traj = pd.DataFrame(rows, columns=["step", "layer", "task", "lambda"])
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05_adamerging.ipynb #7e2a75f1
+# %% ../nbs/05_adamerging.ipynb #2e029bdd
 def adamerging_loaders(
     pool: ModelPool,
     batch_size: int = 16,
@@ -182,7 +182,7 @@ def adamerging_loaders(
     return {t: InfiniteDataLoader(batches(pool.test_sets[t], batch_size, shuffle=True, seed=seed * 1000 + i, mean=pool.mean, std=pool.std))
             for i, t in enumerate(pool.task_names)}
 
-# %% ../nbs/05_adamerging.ipynb #125f32b8
+# %% ../nbs/05_adamerging.ipynb #04ab0006
 def save_weights(
     path: str | os.PathLike,  # .safetensors file; written atomically
     model: MergedModel | AdaMergingResult,  # a wrapper, or the result of a run
@@ -199,7 +199,7 @@ def save_weights(
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-# %% ../nbs/05_adamerging.ipynb #164bba6f
+# %% ../nbs/05_adamerging.ipynb #04f0a159
 def load_weights(
     path: str | os.PathLike,
     model: MergedModel,  # receives the weights in place
@@ -221,7 +221,7 @@ def load_weights(
     with torch.no_grad(): model.merge_weight.copy_(w)
     return model
 
-# %% ../nbs/05_adamerging.ipynb #880407f0
+# %% ../nbs/05_adamerging.ipynb #ec6a9e41
 ADAMERGING_METHODS = ("tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp")
 
 def merged_wrapper(
@@ -239,7 +239,7 @@ def merged_wrapper(
     return cls(pool.pretrained, task_vectors=tv, task_names=pool.task_names, init_values=recipe.init_values,
                clamp_weights=recipe.clamp_weights, tv_dtype=tv_dtype)
 
-# %% ../nbs/05_adamerging.ipynb #cf24f5d7
+# %% ../nbs/05_adamerging.ipynb #4a4db7a6
 def merge_pool(
     pool: ModelPool,
     method: str = "lw_adamerging",  # tw_/lw_ adamerging or adamergingpp
