@@ -7,7 +7,7 @@ __all__ = ['RECIPES', 'ADAMERGING_METHODS', 'Recipe', 'get_recipe', 'Profiler', 
            'NonFiniteError', 'first_non_finite', 'adamerge', 'adamerging_loaders', 'save_weights', 'load_weights',
            'merged_wrapper', 'merge_pool']
 
-# %% ../nbs/05_adamerging.ipynb #5e059ee6
+# %% ../nbs/05_adamerging.ipynb #4a2eb1b3
 import json, os, tempfile, time
 from pathlib import Path
 from collections import defaultdict
@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
-from safetensors.torch import save_file, load_file
+from safetensors.torch import save as save_tensors, load_file
+from .files import write_atomic
 from safetensors import safe_open
 from .losses import entropy_loss
 from .task_vectors import task_vectors, ties_task_vectors
@@ -27,7 +28,7 @@ from .merging import MergedModel, TaskWiseMergedModel, LayerWiseMergedModel
 from .data import InfiniteDataLoader, batches
 from .models import head_logits, ModelPool
 
-# %% ../nbs/05_adamerging.ipynb #fa8ffa40
+# %% ../nbs/05_adamerging.ipynb #d6604b1b
 @dataclass(frozen=True)
 class Recipe:
     "Every setting of an AdaMerging run."
@@ -44,7 +45,7 @@ RECIPES = {
     "fusionbench": Recipe(steps=1000, batches_per_task=1, batch_size=16, lr=1e-3, clamp_weights=False),
 }
 
-# %% ../nbs/05_adamerging.ipynb #438dec2c
+# %% ../nbs/05_adamerging.ipynb #8f1d4234
 def get_recipe(
     recipe: str | Recipe = "paper",  # a name in `RECIPES` or a `Recipe`
     **overrides,  # any `Recipe` field; None values are ignored
@@ -58,7 +59,7 @@ def get_recipe(
     if bad: raise ValueError(f"unknown recipe settings {bad}; settings are {sorted(names)}")
     return replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
 
-# %% ../nbs/05_adamerging.ipynb #073a711b
+# %% ../nbs/05_adamerging.ipynb #85765d10
 class Profiler:
     "Wall-clock time per named phase."
     def __init__(self, sync: bool = False):  # synchronise CUDA at phase boundaries
@@ -79,7 +80,7 @@ class Profiler:
         return df
     def __repr__(self): return self.report().to_string(float_format=lambda x: f"{x:.5f}") if self.times else "Profiler (empty)"
 
-# %% ../nbs/05_adamerging.ipynb #0232d46e
+# %% ../nbs/05_adamerging.ipynb #399c18b7
 def trajectory_rows(
     model: MergedModel,
     step: int,
@@ -90,7 +91,7 @@ def trajectory_rows(
     if w.ndim == 1: return [(step, -1, t, float(w[k])) for k, t in enumerate(model.task_names)]
     return [(step, l, t, float(w[k, l])) for k, t in enumerate(model.task_names) for l in range(w.shape[1])]
 
-# %% ../nbs/05_adamerging.ipynb #1e474392
+# %% ../nbs/05_adamerging.ipynb #332f0046
 @dataclass
 class AdaMergingResult:
     "What an AdaMerging run returns."
@@ -102,11 +103,11 @@ class AdaMergingResult:
     layer_names: list
     eval_log: pd.DataFrame | None = None  # step, task, accuracy, when evaluated during the run
 
-# %% ../nbs/05_adamerging.ipynb #e03996c8
+# %% ../nbs/05_adamerging.ipynb #872344bd
 class NonFiniteError(FloatingPointError):
     "A loss or merging weight became NaN or infinite during adaptation."
 
-# %% ../nbs/05_adamerging.ipynb #ca7961e0
+# %% ../nbs/05_adamerging.ipynb #7ceb8bc4
 def first_non_finite(
     losses: Tensor,  # (steps, K) per-task losses of consecutive steps
     first_step: int,  # the step of row 0
@@ -118,14 +119,14 @@ def first_non_finite(
     i, k = (int(v) for v in bad.nonzero()[0])
     return first_step + i, task_names[k]
 
-# %% ../nbs/05_adamerging.ipynb #556594d4
+# %% ../nbs/05_adamerging.ipynb #2a67ee1e
 def _images(batch):
     "The image tensor of a batch that may be a tensor, a tuple/list (images first) or a dict."
     if isinstance(batch, Tensor): return batch
     if isinstance(batch, Mapping): return batch["images"]
     return batch[0]
 
-# %% ../nbs/05_adamerging.ipynb #d00bf6b1
+# %% ../nbs/05_adamerging.ipynb #ac09cb9b
 def adamerge(
     model: MergedModel,  # the merged-model wrapper; its `merge_weight` is trained in place
     heads: Mapping[str, Tensor],  # task -> (C, D) frozen head
@@ -172,7 +173,7 @@ def adamerge(
     traj = pd.DataFrame(rows, columns=["step", "layer", "task", "lambda"])
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05_adamerging.ipynb #2e029bdd
+# %% ../nbs/05_adamerging.ipynb #f462b6a0
 def adamerging_loaders(
     pool: ModelPool,
     batch_size: int = 16,
@@ -182,7 +183,7 @@ def adamerging_loaders(
     return {t: InfiniteDataLoader(batches(pool.test_sets[t], batch_size, shuffle=True, seed=seed * 1000 + i, mean=pool.mean, std=pool.std))
             for i, t in enumerate(pool.task_names)}
 
-# %% ../nbs/05_adamerging.ipynb #04ab0006
+# %% ../nbs/05_adamerging.ipynb #20983ada
 def save_weights(
     path: str | os.PathLike,  # .safetensors file; written atomically
     model: MergedModel | AdaMergingResult,  # a wrapper, or the result of a run
@@ -191,15 +192,9 @@ def save_weights(
     w = model.merge_weight if isinstance(model, MergedModel) else model.weights
     meta = {"task_names": json.dumps(list(model.task_names)), "layer_names": json.dumps(list(model.layer_names)),
             "granularity": "task" if w.ndim == 1 else "layer", "format": "adamerging-nb/merge_weight/1"}
-    path = os.fspath(path); d = os.path.dirname(os.path.abspath(path)); os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp"); os.close(fd)
-    try:
-        save_file({"merge_weight": w.detach().float().cpu().contiguous()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+    write_atomic(path, save_tensors({"merge_weight": w.detach().float().cpu().contiguous()}, metadata=meta))
 
-# %% ../nbs/05_adamerging.ipynb #04f0a159
+# %% ../nbs/05_adamerging.ipynb #32f0d4c1
 def load_weights(
     path: str | os.PathLike,
     model: MergedModel,  # receives the weights in place
@@ -221,7 +216,7 @@ def load_weights(
     with torch.no_grad(): model.merge_weight.copy_(w)
     return model
 
-# %% ../nbs/05_adamerging.ipynb #ec6a9e41
+# %% ../nbs/05_adamerging.ipynb #28c0fc57
 ADAMERGING_METHODS = ("tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp")
 
 def merged_wrapper(
@@ -239,7 +234,7 @@ def merged_wrapper(
     return cls(pool.pretrained, task_vectors=tv, task_names=pool.task_names, init_values=recipe.init_values,
                clamp_weights=recipe.clamp_weights, tv_dtype=tv_dtype)
 
-# %% ../nbs/05_adamerging.ipynb #4a4db7a6
+# %% ../nbs/05_adamerging.ipynb #8ed73142
 def merge_pool(
     pool: ModelPool,
     method: str = "lw_adamerging",  # tw_/lw_ adamerging or adamergingpp

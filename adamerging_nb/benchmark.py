@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TA8_CLASSES', 'TA8_TEST_SIZES', 'standins', 'reference_grad', 'bench_recipe', 'bench_eval', 'format_report', 'main']
 
-# %% ../nbs/05b_benchmark.ipynb #754c1a37
+# %% ../nbs/05b_benchmark.ipynb #d4921138
 import argparse, json, os, time
 from collections.abc import Sequence
 import torch
@@ -16,12 +16,13 @@ from .engine import DeviceSampler, adamerge_fast, engine_step, zero_grad_layers,
 from .losses import entropy_loss
 from .models import head_logits
 from .testing import tiny_encoder
+from .files import write_atomic
 
-# %% ../nbs/05b_benchmark.ipynb #e3a087c8
+# %% ../nbs/05b_benchmark.ipynb #38586afa
 TA8_CLASSES = {"SUN397": 397, "Cars": 196, "RESISC45": 45, "EuroSAT": 10, "SVHN": 10, "GTSRB": 43, "MNIST": 10, "DTD": 47}
 TA8_TEST_SIZES = {"SUN397": 19887, "Cars": 8041, "RESISC45": 6300, "EuroSAT": 2700, "SVHN": 26032, "GTSRB": 12630, "MNIST": 10000, "DTD": 1880}
 
-# %% ../nbs/05b_benchmark.ipynb #59ea7f64
+# %% ../nbs/05b_benchmark.ipynb #c66c01ff
 def standins(
     size: str = "tiny",  # 'vit-b-32' (open_clip ViT-B-32 image tower) or 'tiny'
     n_images: int | dict = 256,  # test images per task (a dict gives per-task sizes)
@@ -46,7 +47,7 @@ def standins(
         images[t] = torch.randint(0, 256, (n, 3, res, res), dtype=torch.uint8, device=device, generator=g)
     return enc, tv, heads, images
 
-# %% ../nbs/05b_benchmark.ipynb #afa6c34e
+# %% ../nbs/05b_benchmark.ipynb #f9730493
 def reference_grad(model, heads: dict, xs: Sequence[Tensor], batch_size: int) -> Tensor:  # (K, L) or (K,)
     "∂L/∂merge_weight by autograd through the merge, task by task (the oracle)."
     model.merge_weight.grad = None
@@ -57,7 +58,7 @@ def reference_grad(model, heads: dict, xs: Sequence[Tensor], batch_size: int) ->
     g = model.merge_weight.grad.clone(); model.merge_weight.grad = None
     return g
 
-# %% ../nbs/05b_benchmark.ipynb #071bae15
+# %% ../nbs/05b_benchmark.ipynb #1544cd8f
 def _sync(dev):
     if torch.device(dev).type == "cuda": torch.cuda.synchronize()
 
@@ -68,7 +69,7 @@ def _timed(fn, dev) -> tuple:  # (result, seconds, peak GiB)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.device(dev).type == "cuda" else float("nan")
     return out, time.perf_counter() - t0, peak
 
-# %% ../nbs/05b_benchmark.ipynb #6c999bac
+# %% ../nbs/05b_benchmark.ipynb #69a7dcfb
 def bench_recipe(
     recipe: str,  # 'paper' or 'fusionbench'
     enc, tv: dict, heads: dict, images: dict,  # from `standins`
@@ -124,7 +125,7 @@ def bench_recipe(
         out["max_abs_dlambda_fp32"] = (final["engine fp32"] - final["reference"])[:, keep].abs().max().item()
     return out
 
-# %% ../nbs/05b_benchmark.ipynb #de92b826
+# %% ../nbs/05b_benchmark.ipynb #4f2637ec
 def bench_eval(enc, tv: dict, heads: dict, images: dict, device: str = "cpu", bf16: bool = True, batch_size: int = 1024) -> dict:
     "Seconds to evaluate one merged model on all tasks' test images (labels random)."
     tasks = list(heads)
@@ -136,7 +137,7 @@ def bench_eval(enc, tv: dict, heads: dict, images: dict, device: str = "cpu", bf
     n = sum(len(v) for v in images.values())
     return {"images": n, "seconds": secs, "images_per_s": n / secs, "peak_gib": peak, "bf16": bf16}
 
-# %% ../nbs/05b_benchmark.ipynb #6f066ec8
+# %% ../nbs/05b_benchmark.ipynb #ea7a2dbf
 def format_report(res: dict) -> str:
     "A printable table of one `bench_recipe` result."
     lines = [f"recipe {res['recipe']} on {res['device']}: {res['steps']} timed steps",
@@ -147,7 +148,7 @@ def format_report(res: dict) -> str:
     if "max_abs_dlambda_fp32" in res: lines.append(f"max |λ_engine - λ_reference| after {res['steps']} steps (fp32): {res['max_abs_dlambda_fp32']:.2e}")
     return "\n".join(lines)
 
-# %% ../nbs/05b_benchmark.ipynb #1f5c8048
+# %% ../nbs/05b_benchmark.ipynb #1a5cf57f
 def main(argv: Sequence[str] | None = None):
     "Command line: `adamerging-bench [--device cuda] [--size vit-b-32] ...`."
     ap = argparse.ArgumentParser(description="Benchmark the AdaMerging engine against the reference loop.")
@@ -173,7 +174,5 @@ def main(argv: Sequence[str] | None = None):
         results["eval"] = bench_eval(enc, tv, heads, full, device=a.device, bf16=a.device.startswith("cuda"))
         e = results["eval"]; print(f"evaluation: {e['images']} images in {e['seconds']:.2f} s ({e['images_per_s']:.0f} images/s, peak {e['peak_gib']:.2f} GiB)")
     if a.out:
-        tmp = a.out + ".tmp"
-        with open(tmp, "w") as f: json.dump(results, f, indent=2)
-        os.replace(tmp, a.out)
+        write_atomic(a.out, json.dumps(results, indent=2))
     return results

@@ -6,8 +6,8 @@
 __all__ = ['CHECKPOINT_FORMAT', 'merged_leaves', 'lambda_grad', 'DeviceSampler', 'engine_step', 'GraphedStep', 'save_checkpoint',
            'load_checkpoint', 'adamerge_fast', 'zero_grad_layers', 'device_accuracy']
 
-# %% ../nbs/05a_engine.ipynb #3c3f069d
-import contextlib, copy, os, tempfile
+# %% ../nbs/05a_engine.ipynb #532ea695
+import contextlib, copy, io, os
 from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Mapping, Sequence
@@ -17,12 +17,13 @@ from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
 from .losses import entropy_loss
+from .files import write_atomic
 from .merging import MergedModel
 from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import head_logits
 from .adamerging import Recipe, get_recipe, Profiler, AdaMergingResult, trajectory_rows, NonFiniteError, first_non_finite
 
-# %% ../nbs/05a_engine.ipynb #5e96f3d3
+# %% ../nbs/05a_engine.ipynb #dca05a95
 def merged_leaves(
     model: MergedModel,
     lam: Tensor,  # (K, L) effective coefficients, no graph needed
@@ -37,7 +38,7 @@ def merged_leaves(
             for j, i in enumerate(idx): leaves[i] = merged[j].detach().requires_grad_(True)  # own leaf: no select-backward
     return leaves, dict(zip(model.layer_names, leaves))
 
-# %% ../nbs/05a_engine.ipynb #1742805e
+# %% ../nbs/05a_engine.ipynb #6857fe9f
 def lambda_grad(
     model: MergedModel,
     grads: Sequence[Tensor],  # ∂L/∂θ per layer, in layer order
@@ -54,7 +55,7 @@ def lambda_grad(
         out.index_copy_(1, getattr(model, f"idx_{g}"), gk.T.float())  # (n, K) -> columns of (K, L)
     return out
 
-# %% ../nbs/05a_engine.ipynb #59346cf7
+# %% ../nbs/05a_engine.ipynb #1c66a9dc
 class DeviceSampler:
     "Endless shuffled batches of one uint8 test set held on `device`."
     def __init__(self,
@@ -87,7 +88,7 @@ class DeviceSampler:
         self.gen.set_state(state["generator"]); self.pos = state["pos"]
         self.perm = None if state["perm"] is None else state["perm"].to(self.images.device)
 
-# %% ../nbs/05a_engine.ipynb #b8ff1172
+# %% ../nbs/05a_engine.ipynb #f095ca51
 def engine_step(
     model: MergedModel,
     heads: Sequence[Tensor],  # one (C, D) head per task, in model.task_names order
@@ -124,7 +125,7 @@ def engine_step(
         eff.backward(G)  # through the clamp and, task-wise, the sum over layers
     return torch.stack(task_loss)
 
-# %% ../nbs/05a_engine.ipynb #870b56a6
+# %% ../nbs/05a_engine.ipynb #2a292456
 class GraphedStep:
     "`engine_step` captured once in a CUDA graph and replayed (CUDA only)."
     def __init__(self, model: MergedModel, heads: Sequence[Tensor], shapes: Sequence[tuple], batch_size: int,
@@ -144,20 +145,15 @@ class GraphedStep:
         self.graph.replay()
         return self.loss
 
-# %% ../nbs/05a_engine.ipynb #82eeee88
+# %% ../nbs/05a_engine.ipynb #124a1e6b
 CHECKPOINT_FORMAT = "adamerging-nb/adaptation-checkpoint/1"
 
 def save_checkpoint(path: str | os.PathLike, state: dict):
     "Write an adaptation checkpoint atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"); os.close(fd)
-    try:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
+    buf = io.BytesIO(); torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
+    write_atomic(path, buf.getvalue())
 
-# %% ../nbs/05a_engine.ipynb #8ce29323
+# %% ../nbs/05a_engine.ipynb #ab0cf7c3
 def load_checkpoint(
     path: str | os.PathLike,
     expect: dict,  # entries that must match (task and layer names, recipe)
@@ -173,7 +169,7 @@ def load_checkpoint(
         raise ValueError(f"checkpoint {path} belongs to a run with other {bad}; use another checkpoint path or delete it")
     return state
 
-# %% ../nbs/05a_engine.ipynb #bad4e0ad
+# %% ../nbs/05a_engine.ipynb #7351bc16
 def adamerge_fast(
     model: MergedModel,
     heads: Mapping[str, Tensor],  # task -> (C, D)
@@ -248,14 +244,14 @@ def adamerge_fast(
     losses = torch.stack(losses).sum(1).tolist() if losses else []
     return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
 
-# %% ../nbs/05a_engine.ipynb #109a2f48
+# %% ../nbs/05a_engine.ipynb #ad13bce7
 def zero_grad_layers(
     layer_names: Sequence[str],
 ) -> list[int]:  # indices of layers whose gradient is zero by construction
     "Layers with an identically zero gradient: attention key biases cancel in the softmax."
     return [i for i, n in enumerate(layer_names) if n.endswith("attn.in_proj_bias")]
 
-# %% ../nbs/05a_engine.ipynb #c31962fb
+# %% ../nbs/05a_engine.ipynb #2901525d
 @torch.inference_mode()
 def device_accuracy(
     model: torch.nn.Module,  # encoder: normalised images -> features

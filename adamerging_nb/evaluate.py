@@ -6,8 +6,8 @@
 __all__ = ['PAPER_METHODS', 'PAPER_ONLY', 'accuracy', 'evaluate', 'format_truncated', 'format_row', 'results_table',
            'table_markdown', 'write_table']
 
-# %% ../nbs/06_evaluate.ipynb #6f6e0345
-import math, os, tempfile, warnings
+# %% ../nbs/06_evaluate.ipynb #2fcdc9d8
+import math, os, warnings
 from collections.abc import Mapping, Sequence
 from decimal import Decimal, ROUND_DOWN, ROUND_HALF_EVEN
 import pandas as pd
@@ -16,9 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from .data import TestSet, OPENAI_MEAN, OPENAI_STD, normalize
 from .models import head_logits, ModelPool
+from .files import write_atomic
 from .reference import paper_results
 
-# %% ../nbs/06_evaluate.ipynb #52dcbd8a
+# %% ../nbs/06_evaluate.ipynb #65875db9
 def accuracy(
     model: nn.Module,  # encoder: (N, 3, H, W) normalised images -> (N, D)
     head: torch.Tensor,  # (C, D) frozen head of the task
@@ -43,7 +44,7 @@ def accuracy(
             correct += (logits.argmax(-1) == test_set.labels[i:i + batch_size].to(device)).sum()
     return correct.item() / n
 
-# %% ../nbs/06_evaluate.ipynb #06b0a1db
+# %% ../nbs/06_evaluate.ipynb #d2dd5712
 def evaluate(
     model: nn.Module | Mapping[str, nn.Module],  # one encoder for every task, or task -> encoder
     pool: ModelPool,  # gives heads, test sets and normalisation
@@ -68,7 +69,7 @@ def evaluate(
         finally: m.to(was_on).train(was_training)
     return out
 
-# %% ../nbs/06_evaluate.ipynb #38688844
+# %% ../nbs/06_evaluate.ipynb #bbad3c2d
 def format_truncated(
     x: float,  # a number; NaN or None prints as `na`
     decimals: int = 1,
@@ -80,7 +81,7 @@ def format_truncated(
     d = (Decimal(repr(float(x))) * Decimal(repr(float(scale)))).quantize(Decimal("1e-9"), ROUND_HALF_EVEN)
     return str(d.quantize(Decimal(1).scaleb(-decimals), ROUND_DOWN))
 
-# %% ../nbs/06_evaluate.ipynb #1dca101e
+# %% ../nbs/06_evaluate.ipynb #fa74fdc6
 def format_row(
     accuracies: Sequence[float] | Mapping[str, float] | pd.Series,  # per task, in table order
     avg: float | None = None,  # default: the mean of `accuracies`
@@ -92,13 +93,13 @@ def format_row(
     avg = sum(vals) / len(vals) if avg is None else avg
     return " ".join(format_truncated(v, decimals, scale) for v in vals) + " | " + format_truncated(avg, decimals, scale)
 
-# %% ../nbs/06_evaluate.ipynb #f0afe2b7
+# %% ../nbs/06_evaluate.ipynb #def0f6d4
 PAPER_METHODS = ["pretrained", "individual", "traditional_mtl", "weight_averaging", "fisher_merging", "regmean",
                  "task_arithmetic", "ties_merging", "tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp"]
 PAPER_ONLY = {"traditional_mtl": "paper only (needs training data)", "fisher_merging": "paper only (needs training data)",
               "regmean": "paper only (needs training data)"}
 
-# %% ../nbs/06_evaluate.ipynb #d3890afa
+# %% ../nbs/06_evaluate.ipynb #342e2179
 def _long_accuracies(accuracies) -> pd.DataFrame:
     "method, task, accuracy (fraction) from a long DataFrame or a {method: {task: accuracy}} mapping."
     if isinstance(accuracies, pd.DataFrame):
@@ -123,7 +124,7 @@ def _published(model: str | None, source: str, tasks: Sequence[str]) -> dict[str
         out[r["method"]] = {**cells, "avg": avg}
     return out
 
-# %% ../nbs/06_evaluate.ipynb #8ef4685e
+# %% ../nbs/06_evaluate.ipynb #dbf5edda
 def results_table(
     accuracies: Mapping[str, Mapping[str, float]] | pd.DataFrame,  # method -> task -> fraction, or long `method, task, accuracy`
     task_names: Sequence[str] | None = None,  # column order; default: tasks in order of appearance
@@ -151,14 +152,14 @@ def results_table(
     key = lambda r: (order.get(r[0].removeprefix("official_"), len(order)), r[0].startswith("official_"))
     return pd.DataFrame(sorted(rows, key=key), columns=cols)
 
-# %% ../nbs/06_evaluate.ipynb #da105e18
+# %% ../nbs/06_evaluate.ipynb #6c9361c0
 def _signed(x: float, decimals: int) -> str:
     "A difference rounded with its sign; no `-0.0`."
     if pd.isna(x): return "-"
     s = f"{x:+.{decimals}f}"
     return "+" + s[1:] if float(s) == 0 else s
 
-# %% ../nbs/06_evaluate.ipynb #5643510b
+# %% ../nbs/06_evaluate.ipynb #53abc8b4
 def table_markdown(
     table: pd.DataFrame,  # from `results_table`
     decimals: int = 1,
@@ -176,18 +177,7 @@ def table_markdown(
             if measured: lines.append("| ↳ difference | | " + " | ".join(_signed(r[f"diff_{t}"], decimals) for t in tasks) + " |")
     return "\n".join(lines) + "\n"
 
-# %% ../nbs/06_evaluate.ipynb #1733e696
-def _write_atomic(path: str, text: str):
-    "Write `text` to `path` through a temporary file in the same folder."
-    d = os.path.dirname(os.path.abspath(path)); os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f: f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp): os.remove(tmp)
-
-# %% ../nbs/06_evaluate.ipynb #f53f23b1
+# %% ../nbs/06_evaluate.ipynb #1b772810
 def write_table(
     table: pd.DataFrame,  # from `results_table`
     stem: str | os.PathLike,  # path without suffix, e.g. runs/results
@@ -195,6 +185,6 @@ def write_table(
 ) -> tuple[str, str]:  # (csv path, md path)
     "Write the results table as CSV and Markdown, atomically."
     stem = os.fspath(stem).removesuffix(".csv").removesuffix(".md")
-    _write_atomic(stem + ".csv", table.to_csv(index=False))
-    _write_atomic(stem + ".md", table_markdown(table, decimals))
+    write_atomic(stem + ".csv", table.to_csv(index=False))
+    write_atomic(stem + ".md", table_markdown(table, decimals))
     return stem + ".csv", stem + ".md"

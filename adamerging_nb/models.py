@@ -10,7 +10,7 @@ __all__ = ['CLIP_MODELS', 'TA_CHECKPOINTS_URL', 'HF_PRETRAINED', 'HF_FINETUNED',
            'hf_image_encoder', 'zeroshot_head', 'zeroshot_heads', 'register_pool', 'load_pool', 'ta8_pool',
            'hf_ta8_pool']
 
-# %% ../nbs/04_models.ipynb #e9c7605e
+# %% ../nbs/04_models.ipynb #082fcad2
 from dataclasses import dataclass, field
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save_file, save as save_tensors
+from .files import write_atomic
 from open_clip.model import CLIP
 from open_clip.transformer import QuickGELU, VisionTransformer
 from .data import TestSet, OPENAI_MEAN, OPENAI_STD, class_names, templates
@@ -30,7 +31,7 @@ from .reference import TA8
 from .task_vectors import check_same_layout, state_dict_of
 from .testing import tiny_pool
 
-# %% ../nbs/04_models.ipynb #3810b7fa
+# %% ../nbs/04_models.ipynb #39c7f237
 def head_logits(
     features: Tensor,  # (N, D) image embeddings
     head: Tensor,  # (C, D) class embeddings × logit scale
@@ -38,7 +39,7 @@ def head_logits(
     "CLIP logits: L2-normalised image features times the head."
     return (features / features.norm(dim=-1, keepdim=True)) @ head.to(features.dtype).T
 
-# %% ../nbs/04_models.ipynb #ea55812f
+# %% ../nbs/04_models.ipynb #e59680a8
 @dataclass
 class ModelPool:
     "Pretrained and fine-tuned image encoders, heads and test sets of one merging benchmark."
@@ -56,7 +57,7 @@ class ModelPool:
             if list(d) != list(self.task_names):
                 raise ValueError(f"pool {self.name!r}: the {what} are for tasks {list(d)}, the pool's tasks are {list(self.task_names)}")
 
-# %% ../nbs/04_models.ipynb #14e19882
+# %% ../nbs/04_models.ipynb #4136330d
 CLIP_MODELS = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-B-16": "ViT-B-16-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}
 
 def open_clip_name(
@@ -67,7 +68,7 @@ def open_clip_name(
     if model in CLIP_MODELS.values(): return model
     raise KeyError(f"unknown model {model!r}; known models: {', '.join(CLIP_MODELS)}")
 
-# %% ../nbs/04_models.ipynb #eee0777d
+# %% ../nbs/04_models.ipynb #e37f710d
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -101,7 +102,7 @@ def create_clip(
                                     "the cache, or pass pretrained=<path to a weights file>.")
     return open_clip.create_model(name, pretrained=None if weights is None else str(weights), device=device).eval()
 
-# %% ../nbs/04_models.ipynb #b8348584
+# %% ../nbs/04_models.ipynb #74efcf6e
 class Stub:
     "Inert stand-in for a class named in a pickle: keeps the state it is given, runs nothing."
     stands_for = "?"  # 'module.Name' of the class it replaces
@@ -116,7 +117,7 @@ class Stub:
 def _stub_class(module: str, name: str) -> type:
     return type(name, (Stub,), {"stands_for": f"{module}.{name}", "__module__": __name__})
 
-# %% ../nbs/04_models.ipynb #210c48b3
+# %% ../nbs/04_models.ipynb #b4a1ab19
 _REAL_GLOBALS = {("collections", "OrderedDict"): OrderedDict, ("builtins", "set"): set, ("__builtin__", "set"): set,
                  ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset, ("torch", "Size"): torch.Size,
                  **{("torch._utils", n): getattr(torch._utils, n) for n in ("_rebuild_tensor_v2", "_rebuild_parameter", "_rebuild_parameter_with_state")}}
@@ -131,7 +132,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             f"refusing to load the global {module}.{name}: the file asks for something that is neither a tensor, a container "
             f"nor a class of {', '.join(_STUB_MODULES)} (the modules Task Arithmetic checkpoints name). Nothing was executed.")
 
-# %% ../nbs/04_models.ipynb #cfe86e91
+# %% ../nbs/04_models.ipynb #2957a97c
 _RESTRICTED_PICKLE = types.SimpleNamespace(__name__="adamerging_nb_restricted_pickle", Unpickler=RestrictedUnpickler,
                                            load=lambda f, **kw: RestrictedUnpickler(f, **kw).load())
 
@@ -150,7 +151,7 @@ def read_pickled(
         except (RuntimeError, EOFError, ValueError) as e:
             raise ValueError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e)[:200]}); download or copy it again") from None
 
-# %% ../nbs/04_models.ipynb #1f61048f
+# %% ../nbs/04_models.ipynb #2552d086
 def stub_state_dict(
     obj,  # a module read by `read_pickled` (or a state dict)
     prefix: str = "",
@@ -168,7 +169,7 @@ def stub_state_dict(
         if m is not None: out.update(stub_state_dict(m, f"{prefix}{k}."))
     return out
 
-# %% ../nbs/04_models.ipynb #48651f2d
+# %% ../nbs/04_models.ipynb #9e5df00d
 def read_ta_state_dict(
     path: str | Path,  # a Task Arithmetic `zeroshot.pt` or `finetuned.pt`
     float_only: bool = True,  # keep floating-point tensors only
@@ -178,7 +179,7 @@ def read_ta_state_dict(
     if sd and all(k.startswith("model.") for k in sd): sd = {k[len("model."):]: v for k, v in sd.items()}
     return {k: v for k, v in sd.items() if v.is_floating_point() or not float_only}
 
-# %% ../nbs/04_models.ipynb #81d3fbc6
+# %% ../nbs/04_models.ipynb #cf3d9212
 def visual_state(
     sd: Mapping[str, Tensor],  # a `CLIP` state dict (or already an image-encoder one)
     what: str = "checkpoint",  # how to name `sd` in errors
@@ -189,7 +190,7 @@ def visual_state(
     if not out: raise ValueError(f"the {what} holds no image encoder (no 'visual.*' tensors); its first keys: {list(sd)[:5]}")
     return out
 
-# %% ../nbs/04_models.ipynb #b93804e3
+# %% ../nbs/04_models.ipynb #f31aae19
 def encoder_from_state(
     sd: Mapping[str, Tensor],  # `VisionTransformer` keys -> tensor
     heads: int | None = None,  # attention heads; default width // 64
@@ -210,7 +211,7 @@ def encoder_from_state(
     m.load_state_dict(sd)
     return m.eval()
 
-# %% ../nbs/04_models.ipynb #f1c5567f
+# %% ../nbs/04_models.ipynb #6cd4716e
 def read_ta_encoder(
     path: str | Path,  # a Task Arithmetic `zeroshot.pt` or `finetuned.pt`
     heads: int | None = None,  # attention heads; default width // 64
@@ -218,7 +219,7 @@ def read_ta_encoder(
     "The image encoder of a Task Arithmetic checkpoint as an open_clip `VisionTransformer`."
     return encoder_from_state(visual_state(read_ta_state_dict(path), f"checkpoint {path}"), heads, what=f"image encoder in {path}")
 
-# %% ../nbs/04_models.ipynb #eec83d77
+# %% ../nbs/04_models.ipynb #2c209f6f
 def read_ta_head(
     path: str | Path,  # a Task Arithmetic `head_<Task>.pt`
 ) -> Tensor:  # (C, D) class embeddings × logit scale
@@ -233,7 +234,7 @@ def read_ta_head(
         raise ValueError(f"{path} has a non-zero bias, which `head_logits` has no place for")
     return sd["weight"]
 
-# %% ../nbs/04_models.ipynb #664ca308
+# %% ../nbs/04_models.ipynb #b6e0ee47
 TA_CHECKPOINTS_URL = "https://github.com/mlfoundations/task_vectors#checkpoints"
 
 def ta_checkpoint_files(
@@ -256,13 +257,13 @@ def ta_checkpoint_files(
     files["heads"] = {t: p if p.is_file() else None for t, p in files["heads"].items()}
     return files
 
-# %% ../nbs/04_models.ipynb #826c65e9
+# %% ../nbs/04_models.ipynb #b6547e02
 HF_PRETRAINED = "openai/clip-vit-base-patch32"
 HF_FINETUNED = "tanganke/clip-vit-base-patch32_{task}"  # `{task}` is a value of `HF_TASK_SLUGS`
 HF_TASK_SLUGS = {"SUN397": "sun397", "Cars": "stanford-cars", "RESISC45": "resisc45", "EuroSAT": "eurosat",
                  "SVHN": "svhn", "GTSRB": "gtsrb", "MNIST": "mnist", "DTD": "dtd"}
 
-# %% ../nbs/04_models.ipynb #d122e094
+# %% ../nbs/04_models.ipynb #980c36ae
 _HF_LAYER = {"layer_norm1": "ln_1", "self_attn.out_proj": "attn.out_proj", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
 def hf_to_open_clip(
@@ -297,7 +298,7 @@ def hf_to_open_clip(
         raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {left[:5]}; only CLIPModel and CLIPVisionModel weights convert")
     return out
 
-# %% ../nbs/04_models.ipynb #93c5a1e7
+# %% ../nbs/04_models.ipynb #e90213f7
 def read_hf_checkpoint(
     path_or_id: str | Path,  # a local folder or a Hugging Face model id such as 'openai/clip-vit-base-patch32'
     cache_dir: str | Path | None = None,  # the Hugging Face cache (default: its usual place)
@@ -319,7 +320,7 @@ def read_hf_checkpoint(
     sd = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, map_location="cpu", weights_only=True)
     return json.loads(cfg.read_text()), sd
 
-# %% ../nbs/04_models.ipynb #0ab79887
+# %% ../nbs/04_models.ipynb #bf98a643
 def _hf_act(cfg: dict) -> bool:  # True for QuickGELU
     act = cfg.get("hidden_act", "quick_gelu")
     if act not in ("quick_gelu", "gelu"): raise ValueError(f"hidden_act {act!r} has no open_clip counterpart (quick_gelu or gelu)")
@@ -347,7 +348,7 @@ def hf_clip(
     model.load_state_dict(sd)
     return model.eval()
 
-# %% ../nbs/04_models.ipynb #e777ca4e
+# %% ../nbs/04_models.ipynb #0bfeb40d
 def hf_image_encoder(
     path_or_id: str | Path,  # a Hugging Face CLIP checkpoint: local folder or hub id
     projection: Tensor | None = None,  # (W, D) open_clip `visual.proj` for checkpoints without one
@@ -364,7 +365,7 @@ def hf_image_encoder(
     vc = cfg.get("vision_config", cfg)
     return encoder_from_state(sd, vc.get("num_attention_heads", 12), _hf_act(vc), what=f"image encoder of {path_or_id}")
 
-# %% ../nbs/04_models.ipynb #73ae35e4
+# %% ../nbs/04_models.ipynb #4f1af2e2
 def zeroshot_head(
     clip: nn.Module,  # has `encode_text(tokens) -> (N, D)` and `logit_scale`
     tokenizer: Callable,  # list of strings -> (N, context_length) token ids
@@ -381,7 +382,7 @@ def zeroshot_head(
         emb = F.normalize(emb, dim=-1).view(len(names), len(prompts), -1).mean(dim=1)
         return (F.normalize(emb, dim=-1) * clip.logit_scale.exp().float()).cpu()
 
-# %% ../nbs/04_models.ipynb #25a13080
+# %% ../nbs/04_models.ipynb #35fd754c
 def zeroshot_heads(
     tasks: Sequence[str],  # task names, e.g. `TA8`
     clip: nn.Module | Callable[[], nn.Module],  # the CLIP model, or a function building it on the first cache miss
@@ -402,13 +403,10 @@ def zeroshot_heads(
         if model is None: model = clip if isinstance(clip, nn.Module) else clip()
         out[t] = zeroshot_head(model, tokenizer or open_clip.get_tokenizer("ViT-B-32-quickgelu"), cls, prompts)
         if f is not None:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=f.parent, suffix=".tmp"); os.close(fd)
-            save_file({"head": out[t].contiguous()}, tmp, metadata={"prompts": digest, "task": t})
-            os.replace(tmp, f)
+            write_atomic(f, save_tensors({"head": out[t].contiguous()}, metadata={"prompts": digest, "task": t}))
     return out
 
-# %% ../nbs/04_models.ipynb #c850968b
+# %% ../nbs/04_models.ipynb #97abbe19
 POOLS: dict[str, Callable[..., ModelPool]] = {}
 
 def register_pool(
@@ -419,7 +417,7 @@ def register_pool(
     POOLS[name] = builder
     return builder
 
-# %% ../nbs/04_models.ipynb #408479fd
+# %% ../nbs/04_models.ipynb #a3909a83
 def load_pool(
     name: str,  # a key of `POOLS`
     **kwargs,  # passed to the pool's builder
@@ -433,7 +431,7 @@ def load_pool(
     if name not in POOLS: raise KeyError(f"unknown pool {name!r}; known pools: {', '.join(POOLS)}")
     return POOLS[name](**kwargs)
 
-# %% ../nbs/04_models.ipynb #48db9146
+# %% ../nbs/04_models.ipynb #92ba734b
 def _test_sets(tasks, test_sets, **kwargs) -> dict:
     if test_sets is not None: return {t: test_sets[t] for t in tasks}
     from adamerging_nb.data import load_test_set
@@ -477,7 +475,7 @@ def ta8_pool(
     # the official TIES and AdaMerging++ flatten the whole checkpoint: its text-side entries (zero task vectors) count
     return ModelPool(f"{model.lower()}-ta8", list(tasks), pre, ft, heads, sets, ties_padding=sum(v.numel() for v in text.values()))
 
-# %% ../nbs/04_models.ipynb #a18aa129
+# %% ../nbs/04_models.ipynb #9b55894a
 def hf_ta8_pool(
     pretrained: str | Path = HF_PRETRAINED,  # a Hugging Face CLIPModel: hub id or local folder
     finetuned: str | Mapping[str, str] = HF_FINETUNED,  # hub id or folder template with `{task}` (a value of `HF_TASK_SLUGS`), or task -> id
@@ -501,7 +499,7 @@ def hf_ta8_pool(
     _check_heads(heads, sets)
     return ModelPool("vit-b-32-ta8-hf", list(tasks), pre, ft, heads, sets)
 
-# %% ../nbs/04_models.ipynb #71276a0b
+# %% ../nbs/04_models.ipynb #69ab15cb
 register_pool("vit-b-32-ta8", ta8_pool)
 register_pool("vit-b-32-ta8-hf", hf_ta8_pool)
 register_pool("tiny", tiny_pool)

@@ -7,10 +7,10 @@ __all__ = ['SOURCES', 'add_source', 'task_trajectory_table', 'plot_task_trajecto
            'plot_layer_heatmaps', 'accuracy_by_step', 'plot_accuracy_vs_step', 'plot_results_bars', 'save_figure',
            'draw_official_figures']
 
-# %% ../nbs/08_plots.ipynb #5d01e6cd
+# %% ../nbs/08_plots.ipynb #77aa9906
+import io
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 import numpy as np
@@ -18,18 +18,19 @@ import pandas as pd
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
+from .files import write_atomic
 from matplotlib.patches import Rectangle
 import seaborn as sns
 from .reference import official_trajectories, official_coefficients, official_eval_log, official_layer_index
 
-# %% ../nbs/08_plots.ipynb #e19ce4c4
+# %% ../nbs/08_plots.ipynb #ac6b3389
 SOURCES = {
     "official": "authors' logs (EnnengYang/AdaMerging, MIT, (c) 2023 Enneng Yang)",
     "mini": "miniature benchmark, this project",
     "gpu": "full GPU run, this project",
 }
 
-# %% ../nbs/08_plots.ipynb #b436202e
+# %% ../nbs/08_plots.ipynb #edbf6743
 def add_source(
     fig: Figure,
     source: str,  # a key of `SOURCES` or a description of the data, e.g. "run runs/vit-b-32-ta8"
@@ -43,7 +44,7 @@ def add_source(
     fig.text(0.005, 0.005, f"source: {text}", ha="left", va="bottom", fontsize=7, color="0.35")
     return fig
 
-# %% ../nbs/08_plots.ipynb #15fc9776
+# %% ../nbs/08_plots.ipynb #9a424749
 def _need(df: pd.DataFrame, cols: Sequence[str], what: str):
     "Fail with the missing columns of `df` named."
     if not isinstance(df, pd.DataFrame): raise TypeError(f"{what}: expected a pandas DataFrame, got {type(df).__name__}")
@@ -70,7 +71,7 @@ def _titles(methods: Sequence[str], titles: Sequence[str] | None, prefix: bool =
     if len(titles) != len(methods): raise ValueError(f"{len(methods)} methods but {len(titles)} titles")
     return list(titles)
 
-# %% ../nbs/08_plots.ipynb #df51d3ef
+# %% ../nbs/08_plots.ipynb #6ff65654
 def task_trajectory_table(
     trajectories: pd.DataFrame,  # long format: method, step, task, lambda (layer -1 for task-wise)
     method: str,  # a task-wise method, e.g. 'tw_adamerging'
@@ -85,7 +86,7 @@ def task_trajectory_table(
     if init is not None and 0 not in t.index: t.loc[0] = init
     return t.sort_index()
 
-# %% ../nbs/08_plots.ipynb #9352c6ec
+# %% ../nbs/08_plots.ipynb #81cef3f1
 def plot_task_trajectories(
     trajectories: pd.DataFrame,  # long format: method, step, layer, task, lambda
     methods: Sequence[str] = ("tw_adamerging", "tw_adamergingpp"),  # one panel each
@@ -110,13 +111,13 @@ def plot_task_trajectories(
     fig.legend(handles, tasks, loc="outside right center", frameon=False)
     return add_source(fig, source)
 
-# %% ../nbs/08_plots.ipynb #7a3d69dc
+# %% ../nbs/08_plots.ipynb #8339afd3
 def _text_side(names: Sequence[str]) -> list[bool]:
     "Which layer names belong to the text tower of a whole CLIP model (none when no name is visual)."
     vis = [("visual" in n) or ("vision" in n) for n in names]
     return [not v for v in vis] if any(vis) else [False] * len(names)
 
-# %% ../nbs/08_plots.ipynb #98e5e5bd
+# %% ../nbs/08_plots.ipynb #f80847c8
 def coefficient_matrix(
     coefficients: pd.DataFrame,  # long format: method, layer, task, lambda (+ step: the last one is used)
     method: str,  # a layer-wise method, e.g. 'lw_adamerging'
@@ -139,7 +140,7 @@ def coefficient_matrix(
     elif image_only: raise ValueError("image_only=True needs layer_names to tell the text-side layers apart")
     return m
 
-# %% ../nbs/08_plots.ipynb #9f3cd7f5
+# %% ../nbs/08_plots.ipynb #a6c3e9ef
 def _block_labels(names: Sequence[str]) -> list[str]:
     "The block of each layer name: 'txt', 'stem', the residual block number, or 'post'."
     out = []
@@ -155,7 +156,7 @@ def _block_spans(labels: Sequence[str]) -> list[tuple[str, int, int]]:
         if i == len(labels) or labels[i] != labels[start]: spans.append((labels[start], start, i)); start = i
     return spans
 
-# %% ../nbs/08_plots.ipynb #09392b22
+# %% ../nbs/08_plots.ipynb #0f079cc3
 def plot_layer_heatmaps(
     coefficients: pd.DataFrame,  # long format: method, layer, task, lambda (+ step: the last one is used)
     methods: Sequence[str] = ("lw_adamerging", "lw_adamergingpp"),  # one heatmap each, top to bottom
@@ -191,7 +192,7 @@ def plot_layer_heatmaps(
     fig.colorbar(axes[0, 0].collections[0], ax=list(axes[:, 0]), label="λ", fraction=0.025, pad=0.01)
     return add_source(fig, source)
 
-# %% ../nbs/08_plots.ipynb #7af20844
+# %% ../nbs/08_plots.ipynb #cf0c186e
 def accuracy_by_step(
     eval_logs: pd.DataFrame | Mapping[str, pd.DataFrame],  # long method, step, task, accuracy (+ source), or {source label: frame}
 ) -> pd.DataFrame:  # columns source, method, step, accuracy (% averaged over tasks), n_tasks
@@ -213,7 +214,7 @@ def accuracy_by_step(
     order = res.assign(_o=[first_seen[k] for k in zip(res["source"], res["method"])]).sort_values(["_o", "step"], kind="stable")
     return order.drop(columns="_o").reset_index(drop=True)
 
-# %% ../nbs/08_plots.ipynb #fd017274
+# %% ../nbs/08_plots.ipynb #921574d8
 def plot_accuracy_vs_step(
     eval_logs: pd.DataFrame | Mapping[str, pd.DataFrame],  # long method, step, task, accuracy (+ source), or {source label: frame}
     methods: Sequence[str] | None = None,  # which methods (None: all, in the data's order)
@@ -236,7 +237,7 @@ def plot_accuracy_vs_step(
     fig.legend(loc="outside right center", fontsize=8, frameon=False)
     return add_source(fig, source)
 
-# %% ../nbs/08_plots.ipynb #0ec8e31b
+# %% ../nbs/08_plots.ipynb #100d09b5
 def _results_long(results: pd.DataFrame) -> pd.DataFrame:
     "Long `method, task, accuracy` (+ `paper`) from a long table or the wide table of `evaluate.results_table`."
     if "task" in results.columns or "avg" not in results.columns: return results
@@ -246,7 +247,7 @@ def _results_long(results: pd.DataFrame) -> pd.DataFrame:
              .assign(**({"paper": results[f"paper_{t}"]} if f"paper_{t}" in results.columns else {})) for t in tasks]
     return pd.concat(parts, ignore_index=True)
 
-# %% ../nbs/08_plots.ipynb #b27a4b59
+# %% ../nbs/08_plots.ipynb #fb5a77a5
 def plot_results_bars(
     results: pd.DataFrame,  # long method, task, accuracy (+ paper: the published cell), or a run's results.csv (wide)
     methods: Sequence[str] | None = None,  # which methods, in this order (None: the data's order)
@@ -283,7 +284,7 @@ def plot_results_bars(
     if len(cols) > 1: fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside upper center", ncol=len(cols), fontsize=8, frameon=False)
     return add_source(fig, source)
 
-# %% ../nbs/08_plots.ipynb #ec98e7d4
+# %% ../nbs/08_plots.ipynb #005ccc1d
 def save_figure(
     fig: Figure,
     stem: str | Path,  # path without extension, e.g. 'figures/official_task_trajectories'
@@ -297,19 +298,12 @@ def save_figure(
     out = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata={"CreationDate": None} if fmt == "pdf" else None)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        out.append(path)
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi, metadata={"CreationDate": None} if fmt == "pdf" else None)
+        out.append(write_atomic(path, buf.getvalue()))
     return out
 
-# %% ../nbs/08_plots.ipynb #5b61105e
+# %% ../nbs/08_plots.ipynb #909699cf
 def draw_official_figures(
     folder: str | Path,  # where to write the PNG and PDF files
 ) -> list[Path]:  # the six files written

@@ -51,8 +51,8 @@ def test_save_figure_is_atomic(tmp_path):
     old = save_figure(fig, tmp_path / "f")
     before = [p.read_bytes() for p in old]
 
-    def broken(path, **kw):  # writes half a file, then fails
-        Path(path).write_bytes(b"half")
+    def broken(target, **kw):  # writes half a file, then fails
+        target.write(b"half") if hasattr(target, "write") else Path(target).write_bytes(b"half")
         raise OSError("disk full")
 
     fig.savefig = broken
