@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import csv, gzip, json, os, re, shutil, socket, tempfile, time, warnings
 import numpy as np
 from PIL import Image
+from .files import write_folder_atomic
 from tqdm.auto import tqdm
 import torch
 from torch import Tensor
@@ -478,20 +479,12 @@ def write_cache(
     meta: dict,  # written to meta.json, with `version`, `n` and `image_size` added
 ) -> Path:
     "Write `images.npy`, `labels.npy` and `meta.json` into a temporary folder, then move it to `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    def write(tmp):
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, 3, image_size, image_size))
         fill(images); images.flush(); del images
         np.save(tmp / "labels.npy", np.asarray(labels, dtype=np.int64))
         (tmp / "meta.json").write_text(json.dumps({**meta, "version": CACHE_VERSION, "n": n, "image_size": image_size}, indent=1))
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        if path.exists(): os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    return path
+    return write_folder_atomic(path, write)
 
 # %% ../nbs/03_data.ipynb #799020b2
 class CacheError(ValueError):

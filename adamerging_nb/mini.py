@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from safetensors.torch import save_file, load_file
+from .files import write_folder_atomic
 from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import ModelPool, head_logits, register_pool
 
@@ -483,9 +484,7 @@ def save_build(
 ) -> Path:  # the folder
     "Write a build atomically: into a temporary folder beside `folder`, then one rename."
     import open_clip
-    folder = Path(folder); folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
-    try:
+    def write(tmp):
         weights = {f"pretrained/{k}": v for k, v in build.pretrained.items()}
         weights |= {f"finetuned/{t}/{k}": v for t, sd in build.finetuned.items() for k, v in sd.items()}
         weights |= {f"heads/{t}": h for t, h in build.heads.items()}
@@ -496,10 +495,7 @@ def save_build(
                 "sha256": {f: _sha256(tmp / f) for f in ("weights.safetensors", "data.safetensors")},
                 "build_seconds": build.seconds, "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__}}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, folder)  # fails if `folder` exists and is not empty
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return write_folder_atomic(folder, write, replace=False)  # fails if `folder` exists and is not empty
 
 # %% ../nbs/09_mini.ipynb #b1a1d65d
 class MiniCacheError(ValueError):
