@@ -151,7 +151,7 @@ def adamerge(
     callback=None,  # called as callback(step, model) at step 0 and every `log_every` steps
     objective: str = "entropy",  # 'entropy' (AdaMerging) or 'labels' (cross-entropy with the test labels: a diagnostic bound, not a method)
 ) -> AdaMergingResult:
-    "Learn λ by minimising the summed entropy of every task's predictions on unlabeled test images."
+    "Learn λ by minimising the summed entropy of every task's predictions on unlabeled test images (or, as a bound, their cross-entropy with the labels)."
     if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
     r = get_recipe(recipe, steps=steps, batches_per_task=batches_per_task, lr=lr)
     missing = [t for t in model.task_names if t not in heads or t not in loaders]
@@ -271,6 +271,8 @@ def merge_pool(
     "Merge a pool's models with AdaMerging (or given weights) and return the merged encoder."
     if engine not in ("fast", "reference"): raise ValueError(f"unknown engine {engine!r}; use 'fast' or 'reference'")
     if engine == "reference" and (resume or checkpoint_every): raise ValueError("checkpoints and resume need engine='fast'")
+    if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+    if objective != "entropy" and weights is not None: raise ValueError(f"objective={objective!r} fits λ, but `weights` were given: drop one of them")
     if objective != "entropy" and engine == "fast": raise ValueError(f"objective={objective!r} runs on the reference loop: pass engine='reference'")
     log_every, eval_every = overrides.pop("log_every", 10), overrides.pop("eval_every", 0)
     r = get_recipe(recipe, **overrides)
