@@ -153,6 +153,8 @@ def adamerge(
 ) -> AdaMergingResult:
     "Learn λ by minimising the summed entropy of every task's predictions on unlabeled test images (or, as a bound, their cross-entropy with the labels)."
     if objective not in OBJECTIVES: raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
+    labelled = objective == "labels"
+    batch_loss = lambda logits, y: F.cross_entropy(logits, y) if labelled else entropy_loss(logits)
     r = get_recipe(recipe, steps=steps, batches_per_task=batches_per_task, lr=lr)
     missing = [t for t in model.task_names if t not in heads or t not in loaders]
     if missing: raise ValueError(f"no head or loader for tasks {missing}; the model's tasks are {model.task_names}")
@@ -168,14 +170,12 @@ def adamerge(
         with prof("data"):
             bs = {t: [next(its[t]) for _ in range(r.batches_per_task)] for t in model.task_names}
             xs = {t: [_images(b).to(device, non_blocking=True) for b in bs[t]] for t in model.task_names}
-            ys = {t: [_labels(b).to(device, non_blocking=True) for b in bs[t]] for t in model.task_names} if objective == "labels" else None
+            ys = {t: [_labels(b).to(device, non_blocking=True) if labelled else None for b in bs[t]] for t in model.task_names}
         opt.zero_grad(set_to_none=True)
         with prof("merge"): params = {**model.merge(model.layer_weights()), **model.pretrained_buffers()}
         with prof("forward"):
-            def task_loss(t, j, x):
-                logits = head_logits(functional_call(model.skeleton, params, (x,)), heads[t])
-                return entropy_loss(logits) if ys is None else F.cross_entropy(logits, ys[t][j])
-            per_task = torch.stack([sum(task_loss(t, j, x) for j, x in enumerate(xs[t])) for t in model.task_names])
+            per_task = torch.stack([sum(batch_loss(head_logits(functional_call(model.skeleton, params, (x,)), heads[t]), y)
+                                        for x, y in zip(xs[t], ys[t])) for t in model.task_names])
             loss = per_task.sum()
         if (bad := first_non_finite(per_task.detach()[None], step, model.task_names)) is not None:
             raise NonFiniteError(f"non-finite loss at step {bad[0]} on task {bad[1]!r}; λ is left at step {step - 1}. "
