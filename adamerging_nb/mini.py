@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['SIZE', 'SHAPES', 'TEXTURES', 'HUES', 'COUNTS', 'GLYPHS', 'POSITIONS', 'ANGLES', 'MINI_TASKS', 'SPLITS', 'FORMAT',
-           'RECIPE_OVERRIDES', 'MINI_VIT', 'shape_mask', 'paste', 'draw_digits', 'digit_sources', 'draw_shapes',
-           'draw_textures', 'draw_colours', 'draw_counting', 'draw_letters', 'draw_positions', 'draw_orientation',
-           'MiniTask', 'task_images', 'MiniConfig', 'small_config', 'register_mini_vit', 'mini_encoder',
-           'deterministic', 'train_loop', 'coarse_labels', 'pretrain', 'class_head', 'finetune', 'MiniBuild',
-           'build_mini', 'mini_folder', 'save_build', 'MiniCacheError', 'load_build', 'pool_from_build', 'mini_pool']
+           'RECIPE_OVERRIDES', 'MINI_VIT', 'FIRST_DEFAULT', 'shape_mask', 'paste', 'draw_digits', 'digit_sources',
+           'draw_shapes', 'draw_textures', 'draw_colours', 'draw_counting', 'draw_letters', 'draw_positions',
+           'draw_orientation', 'MiniTask', 'task_images', 'MiniConfig', 'small_config', 'register_mini_vit',
+           'mini_encoder', 'deterministic', 'train_loop', 'coarse_labels', 'pretrain', 'class_head', 'finetune',
+           'MiniBuild', 'build_mini', 'mini_folder', 'save_build', 'MiniCacheError', 'load_build', 'pool_from_build',
+           'mini_pool']
 
 # %% ../nbs/09_mini.ipynb #891a4a27
 import colorsys, hashlib, json, logging, math, os, shutil, tempfile, time, warnings
@@ -269,21 +270,22 @@ FORMAT = "adamerging-nb/mini/1"  # bump when the build's meaning changes without
 class MiniConfig:
     "Every setting of the miniature's build."
     seed: int = 0  # seeds data, initialisation and training
-    nuisance: float = 0.5  # background saturation and gradient, noise (0 to 1)
+    nuisance: float = 0.0  # background saturation and gradient, noise (0 to 1; at 0 sizes, positions, angles and colours still vary)
     n_train: int = 1200  # labelled images per task: heads and fine-tuning
     n_test: int = 400  # test images per task: AdaMerging's unlabeled data and the evaluation
     n_pretrain: int = 1000  # pretraining images per task
-    patch_size: int = 8  # ViT patches of patch_size × patch_size pixels on the 32 × 32 images
+    patch_size: int = 16  # ViT patches of patch_size × patch_size pixels on the 32 × 32 images
     width: int = 64  # transformer width
     layers: int = 4  # transformer blocks
     embed_dim: int = 64  # embedding (and head) dimension
-    logit_scale: float = 10.0  # temperature of pretraining and heads
+    logit_scale: float = 10.0  # temperature of pretraining
+    head_scale: float = 30.0  # logit scale of the frozen heads (sharper than pretraining's, as CLIP's 100 is)
     pretrain_steps: int = 600
     pretrain_batch: int = 64
     pretrain_lr: float = 3e-3  # AdamW, linear warm-up over 10 % of the steps, cosine decay
     finetune_steps: int = 220  # per task (about 6 epochs of n_train)
     finetune_batch: int = 32
-    finetune_lr: float = 3e-4
+    finetune_lr: float = 1e-3
     weight_decay: float = 0.1
     threads: int = 1  # torch CPU threads during the build (part of the key: float sums may differ with the thread count)
 
@@ -453,7 +455,7 @@ def build_mini(
         done("data")
         pre = pretrain({t: x for t, (x, _) in data["pretrain"].items()}, {t: y for t, (_, y) in data["pretrain"].items()}, config)
         done("pretraining")
-        heads = {t: class_head(pre, *data["train"][t], len(MINI_TASKS[t].classes), config.logit_scale) for t in MINI_TASKS}
+        heads = {t: class_head(pre, *data["train"][t], len(MINI_TASKS[t].classes), config.head_scale) for t in MINI_TASKS}
         done("heads")
         fts = {}
         for i, t in enumerate(MINI_TASKS):
@@ -561,3 +563,6 @@ def mini_pool(
     return pool_from_build(build)
 
 register_pool("mini", mini_pool)
+
+# %% ../nbs/09_mini.ipynb #63b6d56f
+FIRST_DEFAULT = MiniConfig(patch_size=8, nuisance=0.5, finetune_lr=3e-4, head_scale=10.0)  # the miniature's first default build
