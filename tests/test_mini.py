@@ -90,7 +90,8 @@ def test_registered_pool_has_the_real_layout(tmp_path):
 def test_default_build_shows_the_papers_ordering():
     """The ordering claim of `nbs/09_mini.ipynb` on the default build (built once, about 2 minutes, into the
     user cache that `make reproduce` uses; $ADAMERGING_CACHE moves it): individual > layer-wise AdaMerging >
-    Task Arithmetic > pretrained, each margin larger than the spread of layer-wise AdaMerging over three seeds."""
+    Task Arithmetic > pretrained, each margin larger than the spread of layer-wise AdaMerging over three seeds, and
+    layer-wise AdaMerging at least 0.5 points above Task Arithmetic (the first default build led it by 0.08 only)."""
     from adamerging_nb import runs
     pool = mini_pool(progress=False)
     _, extras = runs.run_table(pool, ["pretrained", "individual", "task_arithmetic", "lw_adamerging"], seeds=[0, 1, 2],
@@ -100,4 +101,5 @@ def test_default_build_shows_the_papers_ordering():
     spread = float(lw.max() - lw.min())
     order = [float(avg["individual"].mean()), float(lw.mean()), float(avg["task_arithmetic"].mean()), float(avg["pretrained"].mean())]
     margins = [a - b for a, b in zip(order, order[1:])]
-    assert all(m > spread for m in margins), f"average accuracies {order} (individual, lw, TA, pretrained), lw seed spread {spread:.2f}"
+    assert all(m > spread for m in margins) and margins[1] >= 0.5, \
+        f"average accuracies {order} (individual, lw, TA, pretrained), lw seed spread {spread:.2f}"
