@@ -184,7 +184,7 @@ def run_methods(
     recipe: str = "paper",  # AdaMerging recipe
     seed: int = 0,
     device: str | torch.device | None = None,  # default: CUDA when available
-    batch_size: int = 256,  # evaluation batch size
+    eval_batch_size: int = 256,  # images per forward pass when evaluating (`batch_size` in kwargs is the recipe's)
     bf16: bool = False,  # bf16 autocast for evaluation (CUDA only)
     paper_model: str | None = None,  # published numbers to compare with; default: from the pool's name (`pool_model`)
     source: str | None = None,  # which published numbers; default `paper`, or the first source the model has
@@ -209,7 +209,7 @@ def run_methods(
     for m in methods:
         t0 = time.perf_counter()
         model, res = merge_method(pool, m, recipe, seed, device, progress=progress, **kwargs)
-        acc = evaluate(model, pool, batch_size=batch_size, device=device, bf16=bf16, progress=progress)
+        acc = evaluate(model, pool, batch_size=eval_batch_size, device=device, bf16=bf16, progress=progress)
         rows += [(m, t, a) for t, a in acc.items()]
         if isinstance(res, Tensor): ex["weights"][m] = res
         elif res is not None:

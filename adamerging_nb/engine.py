@@ -7,7 +7,7 @@ __all__ = ['CHECKPOINT_FORMAT', 'merged_leaves', 'lambda_grad', 'DeviceSampler',
            'load_checkpoint', 'adamerge_fast', 'zero_grad_layers', 'device_accuracy']
 
 # %% ../nbs/05a_engine.ipynb #532ea695
-import contextlib, copy, io, os
+import contextlib, copy, os
 from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Mapping, Sequence
@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
 from .losses import entropy_loss
-from .files import write_atomic
+from .files import ChecksumError, load_state, save_state
 from .merging import MergedModel
 from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .models import head_logits
@@ -146,28 +146,29 @@ class GraphedStep:
         return self.loss
 
 # %% ../nbs/05a_engine.ipynb #124a1e6b
-CHECKPOINT_FORMAT = "adamerging-nb/adaptation-checkpoint/1"
+CHECKPOINT_FORMAT = "adamerging-nb/adaptation-checkpoint/2"
 
 def save_checkpoint(path: str | os.PathLike, state: dict):
-    "Write an adaptation checkpoint atomically."
-    buf = io.BytesIO(); torch.save({"format": CHECKPOINT_FORMAT, **state}, buf)
-    write_atomic(path, buf.getvalue())
+    "Write an adaptation checkpoint atomically, with its checksum."
+    save_state(path, {"format": CHECKPOINT_FORMAT, **state})
 
 # %% ../nbs/05a_engine.ipynb #ab0cf7c3
 def load_checkpoint(
     path: str | os.PathLike,
-    expect: dict,  # entries that must match (task and layer names, recipe)
+    expect: dict,  # entries that must match: task and layer names, recipe, the run's identity
 ) -> dict:
-    "Read an adaptation checkpoint, refusing a corrupt one or one of another run."
-    try: state = torch.load(path, map_location="cpu", weights_only=True)
+    "Read an adaptation checkpoint, refusing a damaged one or one of another run."
+    try: state = load_state(path)
     except FileNotFoundError: raise
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); delete it to start the run over") from None
+    except ChecksumError as e: raise ValueError(f"checkpoint {path} cannot be trusted ({e}); delete it to start the run over") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an adaptation checkpoint of this package")
+        raise ValueError(f"{path} is not an adaptation checkpoint of this package (format {CHECKPOINT_FORMAT})")
     if bad := [k for k, v in expect.items() if state.get(k) != v]:
-        raise ValueError(f"checkpoint {path} belongs to a run with other {bad}; use another checkpoint path or delete it")
+        diff = "; ".join(f"{k}: {_short(state.get(k))} in the file, {_short(expect[k])} in this run" for k in bad)
+        raise ValueError(f"checkpoint {path} belongs to another run ({diff}); use another checkpoint path or delete it")
     return state
+
+def _short(v) -> str: return (s if len(s := repr(v)) <= 80 else s[:77] + "...")
 
 # %% ../nbs/05a_engine.ipynb #7351bc16
 def adamerge_fast(
@@ -186,12 +187,17 @@ def adamerge_fast(
     checkpoint: str | os.PathLike | None = None,  # file for resumable checkpoints
     checkpoint_every: int = 0,  # write a checkpoint every this many steps (a multiple of log_every; 0: only on failure)
     resume: bool = False,  # continue from `checkpoint` when it exists
+    identity: Mapping | None = None,  # more entries a checkpoint must match (merge_pool: the pool's name and weights fingerprint)
+    evaluate=None,  # evaluate(step, model) -> rows (step, task, accuracy), every `eval_every` steps; kept in checkpoints
+    eval_every: int = 0,  # a multiple of log_every; 0: no evaluation during the run
 ) -> AdaMergingResult:
     "AdaMerging with the fast engine; same result as `adamerge` up to round-off."
     r = get_recipe(recipe, steps=steps, batches_per_task=batches_per_task, lr=lr)
     missing = [t for t in model.task_names if t not in heads or t not in samplers]
     if missing: raise ValueError(f"no head or sampler for tasks {missing}; the model's tasks are {model.task_names}")
+    if type(log_every) is not int or log_every < 1: raise ValueError(f"log_every={log_every!r}: give an integer >= 1")
     if checkpoint_every and checkpoint_every % log_every: raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a multiple of log_every ({log_every})")
+    if eval_every and (eval_every % log_every or evaluate is None): raise ValueError(f"eval_every ({eval_every}) needs `evaluate` and must be a multiple of log_every ({log_every})")
     if resume and checkpoint is None: raise ValueError("resume=True needs a checkpoint path")
     if checkpoint is not None and (plain := [t for t in model.task_names if not hasattr(samplers[t], "state_dict")]):
         raise ValueError(f"checkpoints need samplers with state_dict() (e.g. DeviceSampler); those of {plain} have none")
@@ -199,22 +205,25 @@ def adamerge_fast(
     hs = [heads[t].to(dev) for t in model.task_names]
     opt = torch.optim.Adam([model.merge_weight], lr=r.lr, betas=r.betas)
     sync = dev.type == "cuda" if profile_sync is None else profile_sync
-    prof, rows, losses, start = Profiler(sync=sync), trajectory_rows(model, 0), [], 1
-    expect = {"task_names": list(model.task_names), "layer_names": list(model.layer_names), "recipe": {**asdict(r), "betas": list(r.betas)}}
+    prof, rows, losses, evals, start = Profiler(sync=sync), trajectory_rows(model, 0), [], [], 1
+    expect = {"task_names": list(model.task_names), "layer_names": list(model.layer_names), "recipe": asdict(r), **dict(identity or {})}
     def state(step):  # everything the rest of the run depends on
         return {**expect, "step": step, "merge_weight": model.merge_weight.detach().cpu().clone(), "optimizer": copy.deepcopy(opt.state_dict()),
-                "samplers": {t: samplers[t].state_dict() for t in model.task_names}, "rows": list(rows), "losses": torch.stack(losses).cpu() if losses else torch.zeros(0, len(hs))}
+                "samplers": {t: samplers[t].state_dict() for t in model.task_names}, "rows": list(rows), "evals": list(evals),
+                "losses": torch.stack(losses).cpu() if losses else torch.zeros(0, len(hs))}
     if resume and checkpoint is not None and Path(checkpoint).exists():
         st = load_checkpoint(checkpoint, expect)
         with torch.no_grad(): model.merge_weight.copy_(st["merge_weight"])
         opt.load_state_dict(st["optimizer"])
         for t in model.task_names: samplers[t].load_state_dict(st["samplers"][t])
-        rows, losses, start = [tuple(x) for x in st["rows"]], list(st["losses"].to(dev)), st["step"] + 1
+        rows, evals, losses, start = list(st["rows"]), list(st["evals"]), list(st["losses"].to(dev)), st["step"] + 1
     good_step, good = start - 1, state(start - 1) if checkpoint is not None else None
     graphed = dev.type == "cuda" if cuda_graph is None else cuda_graph
     if dev.type == "cuda": torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest patch-embedding kernels
     step_fn = None
-    if callback and start == 1: callback(0, model)
+    if start == 1:
+        if eval_every: evals += evaluate(0, model)
+        if callback: callback(0, model)
     bar = tqdm(range(start, r.steps + 1), desc="AdaMerging (engine)", disable=not progress)
     for step in bar:
         with prof("data"): xs = [torch.cat([next(samplers[t]) for _ in range(r.batches_per_task)]).to(dev) for t in model.task_names]
@@ -235,6 +244,7 @@ def adamerge_fast(
                 raise NonFiniteError(f"non-finite {where}; {saved}. Lower the learning rate or check that task's images and head.")
             if step % log_every == 0:
                 rows += trajectory_rows(model, step)
+                if eval_every and step % eval_every == 0: evals += evaluate(step, model)
                 if callback: callback(step, model)
             good_step = step
             if checkpoint is not None:
@@ -242,7 +252,8 @@ def adamerge_fast(
                 if checkpoint_every and (step % checkpoint_every == 0 or step == r.steps): save_checkpoint(checkpoint, good)
     traj = pd.DataFrame(rows, columns=["step", "layer", "task", "lambda"])
     losses = torch.stack(losses).sum(1).tolist() if losses else []
-    return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names))
+    log = pd.DataFrame(evals, columns=["step", "task", "accuracy"]) if eval_every else None
+    return AdaMergingResult(model.merge_weight.detach().clone(), traj, prof, losses, list(model.task_names), list(model.layer_names), log)
 
 # %% ../nbs/05a_engine.ipynb #ad13bce7
 def zero_grad_layers(

@@ -33,6 +33,7 @@ def accuracy(
     "Top-1 accuracy of `model` with `head` on the whole `test_set`."
     n = len(test_set)
     if n == 0: raise ValueError(f"test set {test_set.name!r} is empty")
+    if type(batch_size) is not int or batch_size < 1: raise ValueError(f"batch_size={batch_size!r}: give an integer >= 1")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if bf16 and device.type != "cuda":
         warnings.warn(f"bf16 autocast is for CUDA; evaluating in fp32 on {device}"); bf16 = False

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from safetensors.torch import save_file, load_file
-from .files import write_folder_atomic
+from .files import read_sealed_json, sealed_json, sha256_file, write_folder_atomic
 from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
-from .models import ModelPool, head_logits, register_pool
+from .models import ModelPool, head_logits, pool_spec
 
 # %% ../nbs/09_mini.ipynb #9447de93
 SIZE = 32  # side of every image of the miniature
@@ -264,7 +264,7 @@ def task_images(
     return np.stack([t.draw(rng, int(labels[i]), nuisance, src[i]) for i in idx]), labels[idx]
 
 # %% ../nbs/09_mini.ipynb #d57f24d6
-FORMAT = "adamerging-nb/mini/1"  # bump when the build's meaning changes without a config change
+FORMAT = "adamerging-nb/mini/2"  # bump when the build's meaning changes without a config change (2: sealed meta.json)
 
 @dataclass(frozen=True)
 class MiniConfig:
@@ -303,7 +303,7 @@ def small_config(
     return MiniConfig(seed=seed, **{**base, **overrides})
 
 # %% ../nbs/09_mini.ipynb #40017b6f
-RECIPE_OVERRIDES = dict(steps=50, batches_per_task=1, lr=3e-3)  # AdaMerging settings of the miniature (see above)
+RECIPE_OVERRIDES = pool_spec("mini").recipe  # AdaMerging settings of the miniature (see above), held by the pool registry
 
 # %% ../nbs/09_mini.ipynb #7a84a9f7
 MINI_VIT = "mini-ViT"
@@ -474,12 +474,6 @@ def mini_folder(
     return Path(root).expanduser() / "mini" / config.key()
 
 # %% ../nbs/09_mini.ipynb #fa070316
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
-
 def save_build(
     build: MiniBuild,
     folder: str | os.PathLike,  # must not exist yet
@@ -494,9 +488,9 @@ def save_build(
         save_file({f"{t}/{k}": getattr(s, k).contiguous() for t, s in build.test_sets.items() for k in ("images", "labels")}, tmp / "data.safetensors")
         meta = {"format": FORMAT, "key": build.config.key(), "config": asdict(build.config), "state_keys": list(build.pretrained),
                 "classes": {t: list(s.class_names) for t, s in build.test_sets.items()},
-                "sha256": {f: _sha256(tmp / f) for f in ("weights.safetensors", "data.safetensors")},
+                "sha256_files": {f: sha256_file(tmp / f) for f in ("weights.safetensors", "data.safetensors")},
                 "build_seconds": build.seconds, "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__}}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        (tmp / "meta.json").write_text(sealed_json(meta))
     return write_folder_atomic(folder, write, replace=False)  # fails if `folder` exists and is not empty
 
 # %% ../nbs/09_mini.ipynb #b1a1d65d
@@ -509,13 +503,13 @@ def load_build(
 ) -> MiniBuild:
     "Read and verify a cached build; raise `MiniCacheError` when it cannot be trusted."
     folder = Path(folder)
-    try: meta = json.loads((folder / "meta.json").read_text())
-    except (OSError, ValueError) as e: raise MiniCacheError(f"no readable meta.json in {folder} ({e})") from None
+    try: meta = read_sealed_json(folder / "meta.json")
+    except (OSError, ValueError) as e: raise MiniCacheError(f"no trustworthy meta.json in {folder} ({e})") from None
     if meta.get("format") != FORMAT: raise MiniCacheError(f"{folder} holds format {meta.get('format')!r}, this code reads {FORMAT!r}")
     cfg = MiniConfig(**meta["config"])
     if config is not None and cfg.key() != config.key(): raise MiniCacheError(f"{folder} holds the build of another configuration")
-    for f, digest in meta["sha256"].items():
-        if not (folder / f).is_file() or _sha256(folder / f) != digest: raise MiniCacheError(f"{folder / f} is missing or corrupted (checksum mismatch)")
+    for f, digest in meta["sha256_files"].items():
+        if not (folder / f).is_file() or sha256_file(folder / f) != digest: raise MiniCacheError(f"{folder / f} is missing or corrupted (checksum mismatch)")
     w, d = load_file(folder / "weights.safetensors"), load_file(folder / "data.safetensors")
     sub = lambda prefix: {k: w[prefix + k] for k in meta["state_keys"]}  # in the model's order
     tasks = list(meta["classes"])
@@ -561,8 +555,6 @@ def mini_pool(
     except OSError:  # another process saved the same build meanwhile: keep theirs
         if not folder.exists(): raise
     return pool_from_build(build)
-
-register_pool("mini", mini_pool)
 
 # %% ../nbs/09_mini.ipynb #63b6d56f
 FIRST_DEFAULT = MiniConfig(patch_size=8, nuisance=0.5, finetune_lr=3e-4, head_scale=10.0)  # the miniature's first default build

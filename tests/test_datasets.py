@@ -341,8 +341,13 @@ def test_cache_is_memory_mapped(tmp_path):
         "the images should be a view of a memory map of images.npy"
 
 
-@pytest.mark.parametrize("damage", ["truncate", "meta", "labels", "version"])
+def _flip(f, at):
+    b = bytearray(f.read_bytes()); b[at] ^= 0x01; f.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "meta", "labels", "version", "header", "class name", "label value", "pixel"])
 def test_corrupt_cache_error_and_rebuild(tmp_path, damage):
+    "Every damage is a CacheError that load_test_set answers by rebuilding; a changed pixel is caught with full verification."
     root, cache = tmp_path / "data", tmp_path / "cache"
     _eurosat(root)
     good = load_test_set("EuroSAT", "folder", root, cache, check_size=False)
@@ -356,13 +361,19 @@ def test_corrupt_cache_error_and_rebuild(tmp_path, damage):
         (path / "meta.json").write_text('{"task": "EuroSAT", "n": 4')
     elif damage == "labels":
         (path / "labels.npy").unlink()
-    else:
+    elif damage == "version":
         meta = json.loads((path / "meta.json").read_text())
         (path / "meta.json").write_text(json.dumps({**meta, "version": 0}))
+    elif damage == "header": _flip(path / "images.npy", 30)  # inside the header's dict literal
+    elif damage == "class name":
+        (path / "meta.json").write_text((path / "meta.json").read_text().replace('"forest"', '"jungle"'))
+    elif damage == "label value": _flip(path / "labels.npy", -8)
+    else: _flip(path / "images.npy", -1)
+    verify = damage == "pixel"
     with pytest.raises(CacheError, match=f"preprocessed test set cache {path} is unusable"):
-        load_cache(path)
+        load_cache(path, verify=verify)
     with pytest.warns(UserWarning, match=r"is unusable.*Rebuilding it from source='folder'"):
-        ts = load_test_set("EuroSAT", "folder", root, cache, check_size=False)
+        ts = load_test_set("EuroSAT", "folder", root, cache, check_size=False, verify=verify)
     assert torch.equal(ts.images, good_images)
     load_cache(path)  # repaired
 

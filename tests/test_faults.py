@@ -18,8 +18,9 @@ from adamerging_nb import data
 from adamerging_nb.data import InfiniteDataLoader, save_cache, load_cache, CacheError
 from adamerging_nb.engine import DeviceSampler, adamerge_fast, load_checkpoint
 from adamerging_nb.merging import LayerWiseMergedModel
-from adamerging_nb.models import ModelPool, read_pickled
-from adamerging_nb.runs import prepare_output, write_atomic, save_run, run_config
+from adamerging_nb.archives import read_torch_archive
+from adamerging_nb.models import ModelPool
+from adamerging_nb.runs import claim_output, write_atomic, save_run, run_config
 from adamerging_nb.task_vectors import task_vectors
 from adamerging_nb.testing import tiny_pool, tiny_encoder
 
@@ -51,7 +52,7 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     assert full.returncode == 0, full.stderr
     killed = run(tmp_path / "b.pt", 10, tmp_path / "never.pt")
     assert killed.returncode == -signal.SIGKILL and not (tmp_path / "never.pt").exists()
-    assert torch.load(tmp_path / "b.pt", weights_only=True)["step"] == 8  # the last checkpoint before the kill
+    assert load_checkpoint(tmp_path / "b.pt", {})["step"] == 8  # the last checkpoint before the kill
     assert not list(tmp_path.glob(".*.tmp"))  # no half-written checkpoint
     resumed = run(tmp_path / "b.pt", -1, tmp_path / "resumed.pt")
     assert resumed.returncode == 0, resumed.stderr
@@ -72,7 +73,7 @@ def test_non_finite_loss_names_step_and_task_and_keeps_last_good(tmp_path):
     pool.heads["task1"] = pool.heads["task1"].clone(); pool.heads["task1"][0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 1 on task 'task1'.*saved in"):
         merge_pool(pool, "lw_adamerging", steps=6, batch_size=4, log_every=2, checkpoint_dir=tmp_path, progress=False)
-    st = load_checkpoint(tmp_path / "lw_adamerging-seed0.pt", {})
+    st = load_checkpoint(tmp_path / "lw_adamerging-seed0.safetensors", {})
     assert st["step"] == 0 and torch.isfinite(st["merge_weight"]).all()
 
 
@@ -109,7 +110,7 @@ def test_merging_weights_of_wrong_tasks_layers_shape(tmp_path):
 def test_corrupt_or_truncated_files(tmp_path):
     torch.save({"w": torch.ones(1000)}, tmp_path / "ck.pt")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "ck.pt").read_bytes()[:300])
-    with pytest.raises(ValueError, match="corrupt or truncated"): read_pickled(tmp_path / "cut.pt")
+    with pytest.raises(ValueError, match="corrupt or truncated"): read_torch_archive(tmp_path / "cut.pt")
     with pytest.raises(ValueError, match="corrupt or truncated"): load_checkpoint(tmp_path / "cut.pt", {})
     (tmp_path / "w.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="not a merging-weights file"): load_weights(tmp_path / "w.safetensors", merged_wrapper(tiny_pool(), "tw_adamerging", get_recipe()))
@@ -126,17 +127,43 @@ def test_pickle_asking_for_a_disallowed_global(tmp_path):
     (tmp_path / "evil.pt").write_bytes(pickle.dumps(Evil()))
     torch.save(Evil(), tmp_path / "evil_zip.pt")
     for f in ("evil.pt", "evil_zip.pt"):
-        with pytest.raises(Exception, match="system"): read_pickled(tmp_path / f)
+        with pytest.raises(ValueError, match="system|legacy"): read_torch_archive(tmp_path / f)
     assert not (tmp_path / "pwned").exists()
 
 
 def test_output_folder_holding_another_run(tmp_path):
-    out = prepare_output(tmp_path / "run", {"pool": "tiny", "seed": 0})
-    write_atomic(out / "config.json", json.dumps({"params": {"pool": "tiny", "seed": 0}}))
+    out = claim_output(tmp_path / "run", {"pool": "tiny", "seed": 0}).path  # released when collected
     write_atomic(out / "results.csv", "method,avg\nx,1\n")
     with pytest.raises(FileExistsError, match=r"parameters differ: \['seed'\]"):
-        prepare_output(out, {"pool": "tiny", "seed": 1})
+        claim_output(out, {"pool": "tiny", "seed": 1})
     assert (out / "results.csv").read_text() == "method,avg\nx,1\n"  # nothing earlier was touched
+
+
+RESUME_EVAL = textwrap.dedent("""
+    import os, signal, sys, json
+    import adamerging_nb.engine as engine
+    from adamerging_nb.testing import tiny_pool
+    from adamerging_nb.adamerging import merge_pool
+    ck, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    real = engine.trajectory_rows
+    def rows(model, step):  # logged every log_every steps: the place to die
+        if step == kill_at: os.kill(os.getpid(), signal.SIGKILL)
+        return real(model, step)
+    engine.trajectory_rows = rows
+    _, res = merge_pool(tiny_pool(), "lw_adamerging", steps=12, batch_size=4, log_every=2, eval_every=2, checkpoint_dir=ck,
+                        checkpoint_every=4, resume=True, progress=False)
+    res.eval_log.to_csv(out, index=False)
+""")
+
+
+def test_resumed_run_keeps_the_evaluations_of_its_first_part(tmp_path):
+    go = lambda *a: subprocess.run([sys.executable, "-c", RESUME_EVAL, *map(str, a)], capture_output=True, text=True, cwd=ROOT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    full = go(tmp_path / "a", -1, tmp_path / "full.csv"); assert full.returncode == 0, full.stderr
+    killed = go(tmp_path / "b", 10, tmp_path / "never.csv"); assert killed.returncode == -signal.SIGKILL
+    resumed = go(tmp_path / "b", -1, tmp_path / "resumed.csv"); assert resumed.returncode == 0, resumed.stderr
+    a, b = pd.read_csv(tmp_path / "full.csv"), pd.read_csv(tmp_path / "resumed.csv")
+    assert sorted(b.step.unique()) == [0, 2, 4, 6, 8, 10, 12] and a.equals(b)
 
 
 def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
@@ -147,3 +174,35 @@ def test_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / "results.csv").read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # the temporary file was removed
+
+
+def _flip_in_tensor(path, key):
+    "Flip one bit inside the bytes of the state entry `key` of a `save_state` file."
+    raw = bytearray(Path(path).read_bytes())
+    n = int.from_bytes(raw[:8], "little"); header = json.loads(raw[8:8 + n])
+    desc = json.loads(header["__metadata__"]["state"])
+    name = next(v["tensor"] for k, v in desc["dict"] if k == {"value": key})
+    start = 8 + n + header[name]["data_offsets"][0]
+    raw[start + 1] ^= 0x01
+    Path(path).write_bytes(bytes(raw))
+
+
+def test_checkpoint_of_another_pool_with_the_same_names_is_refused(tmp_path):
+    a, b = tiny_pool(seed=0), tiny_pool(seed=1)
+    assert (a.name, a.task_names) == (b.name, b.task_names)  # same names, other weights
+    kw = dict(steps=4, batch_size=4, log_every=2, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    merge_pool(a, "lw_adamerging", **kw)
+    with pytest.raises(ValueError, match=r"belongs to another run \(weights: '[0-9a-f]+' in the file"):
+        merge_pool(b, "lw_adamerging", resume=True, **kw)
+    _, res = merge_pool(a, "lw_adamerging", resume=True, **kw)  # its own pool resumes (here: already finished)
+    assert res.weights.shape == (3, len(res.layer_names))
+
+
+def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):
+    p = tiny_pool()
+    kw = dict(steps=4, batch_size=4, log_every=2, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    merge_pool(p, "lw_adamerging", **kw)
+    ck = tmp_path / "lw_adamerging-seed0.safetensors"
+    _flip_in_tensor(ck, "merge_weight")
+    with pytest.raises(ValueError, match="cannot be trusted.*does not match its checksum"):
+        merge_pool(p, "lw_adamerging", resume=True, **kw)

@@ -64,12 +64,16 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     assert load_build(folder, cfg).config == cfg
 
 
-@pytest.mark.parametrize("damage", ["weights.safetensors", "data.safetensors", "meta.json"])
+@pytest.mark.parametrize("damage", ["weights.safetensors", "data.safetensors", "meta.json", "class name in meta.json"])
 def test_corrupted_cache_is_rebuilt_with_a_warning(tmp_path, damage):
     cfg = small_config()
     first = mini_pool(cache_dir=tmp_path, config=cfg, progress=False)
-    f = mini_folder(cfg, tmp_path) / damage
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated
+    if damage.startswith("class name"):  # meta.json is covered by its checksum like the tensors
+        f = mini_folder(cfg, tmp_path) / "meta.json"
+        f.write_text(f.read_text().replace('"circle"', '"disc"', 1))
+    else:
+        f = mini_folder(cfg, tmp_path) / damage
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])  # truncated
     with pytest.warns(UserWarning, match="rebuilding"):
         again = mini_pool(cache_dir=tmp_path, config=cfg, progress=False)
     assert same_state(first.finetuned["shapes"], again.finetuned["shapes"])

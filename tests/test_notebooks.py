@@ -47,6 +47,15 @@ def test_reproduce_writes_every_file(tiny_run):
         for ext in ("png", "pdf"): assert (tiny_run / "figures" / f"{f}.{ext}").stat().st_size > 0
 
 
+def test_figures_notebook_refuses_a_changed_run(tiny_run, tmp_path):
+    import shutil
+    run = tmp_path / "run"; shutil.copytree(tiny_run, run)
+    (run / "lambdas.csv").write_text((run / "lambdas.csv").read_text().replace(",0.3", ",0.9", 1))
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        run_nb("12_figures.ipynb", tmp_path / "f", run_dir=str(run), output_dir=str(tmp_path / "figs"))
+    assert "lambdas.csv is missing or changed since the run wrote it" in str(e.value.evalue)
+
+
 def test_figures_notebook(tiny_run, tmp_path):
     run_nb("12_figures.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path / "figs"), prefix="tiny_")
     names = {p.name for p in (tmp_path / "figs").iterdir()}
@@ -63,11 +72,19 @@ def failing_cell(err_nb_path):
 
 
 @pytest.mark.parametrize("params, message", [
-    (dict(pool="vit-b-99"), "is not a known pool"),
-    (dict(pool="vit-b-32-ta8"), "needs checkpoint_root"),
-    (dict(pool="vit-b-32-ta8", checkpoint_root="/no/such/folder"), "is not a folder"),
-    (dict(pool="tiny", methods="adamerging"), "unknown methods"),
-    (dict(pool="tiny", recipe="papr"), "known recipes"),
+    (dict(pool="vit-b-99"), "pool='vit-b-99': pool must be one of 'vit-b-32-ta8'"),
+    (dict(pool="vit-b-32-ta8"), "pool 'vit-b-32-ta8' needs checkpoint_root"),
+    (dict(pool="vit-b-32-ta8", checkpoint_root="/no/such/folder"), "checkpoint_root='/no/such/folder' is not a folder"),
+    (dict(pool="tiny", methods="adamerging"), "methods='adamerging': methods must be 'all' or a comma-separated list"),
+    (dict(pool="tiny", recipe="papr"), "recipe='papr': recipe must be one of 'paper', 'fusionbench'"),
+    (dict(pool="tiny", steps=-5), "steps=-5: steps must be a finite number >= 0"),
+    (dict(pool="tiny", batch_size=-4), "batch_size=-4: batch_size must be a finite number >= 0"),
+    (dict(pool="tiny", seeds=0), "seeds=0: seeds must be a finite number >= 1"),
+    (dict(pool="tiny", lr=float("nan")), "lr=nan: lr must be a finite number >= 0"),
+    (dict(pool="tiny", steps=2.5), "steps=2.5: steps must be a int"),
+    (dict(pool="mini", checkpoint_root="/tmp"), "checkpoint_root='/tmp': pool 'mini' does not use checkpoint_root"),
+    (dict(pool="tiny", data_source="ftp"), "data_source='ftp': data_source must be one of '', 'hf', 'disk', 'folder'"),
+    (dict(pool="tiny", eval_every=3, log_every=2), "eval_every=3: eval_every must be a multiple of log_every=2"),
 ])
 def test_bad_parameter_stops_in_first_cell_using_it(tmp_path, params, message):
     with pytest.raises(pm.PapermillExecutionError) as e:
@@ -75,10 +92,52 @@ def test_bad_parameter_stops_in_first_cell_using_it(tmp_path, params, message):
     assert message in str(e.value.evalue)
     # code cells: 0 parameters, 1 injected parameters, 2 the first cell that uses them
     assert failing_cell(tmp_path / "11_reproduce.ipynb") == 2
-    assert not (tmp_path / "out" / "results.csv").exists()
+    assert not (tmp_path / "out").exists()  # nothing was claimed, loaded or written
+
+
+def test_parameters_cells_match_their_declarations():
+    "The parameters cell of each notebook is the declaration in `runs`: same names, order, types, defaults and comments."
+    from adamerging_nb.runs import REPRODUCE, FIGURES
+    for name, spec in (("11_reproduce.ipynb", REPRODUCE), ("12_figures.ipynb", FIGURES)):
+        nb = json.loads((NBS / name).read_text())
+        cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+        lines = "".join(cell["source"]).splitlines()
+        want = [f"{k}: {p.type.__name__} = {json.dumps(p.default) if isinstance(p.default, str) else repr(p.default)}  # {p.help}" for k, p in spec.items()]
+        assert lines == want, name
+
+
+def test_two_runs_into_one_folder_at_once(tmp_path):
+    "Started together into one folder: one claims it, the other stops in its first cell, naming the first."
+    import subprocess, sys
+    out = tmp_path / "run"
+    cmd = lambda i: [sys.executable, "-m", "papermill", str(NBS / "11_reproduce.ipynb"), str(tmp_path / f"nb{i}.ipynb"), "-p", "pool", "tiny",
+                     "-p", "steps", "2", "-p", "seeds", "1", "-p", "methods", "pretrained,tw_adamerging", "-r", "output_dir", str(out), "--no-progress-bar"]
+    procs = [subprocess.Popen(cmd(i), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0 and codes[1] != 0, outs
+    loser = outs[[p.returncode for p in procs].index(codes[1])]
+    assert "is in use by another run (pid" in loser, loser[-2000:]
+    assert json.loads((out / "config.json").read_text())["params"]["steps"] == 2
+
+
+def test_overwrite_starts_from_an_empty_folder(tmp_path):
+    out = tmp_path / "run"
+    run_nb("11_reproduce.ipynb", tmp_path / "a", pool="tiny", steps=2, seeds=1, methods="pretrained,tw_adamerging,lw_adamerging", output_dir=str(out))
+    assert (out / "weights" / "lw_adamerging.safetensors").exists()
+    with pytest.raises(pm.PapermillExecutionError) as e:
+        run_nb("11_reproduce.ipynb", tmp_path / "b", pool="tiny", steps=3, seeds=1, methods="pretrained,tw_adamerging", output_dir=str(out))
+    assert "already holds a different run (parameters differ: ['methods', 'steps'])" in str(e.value.evalue)
+    nb = run_nb("11_reproduce.ipynb", tmp_path / "c", pool="tiny", steps=3, seeds=1, methods="pretrained,tw_adamerging", output_dir=str(out), overwrite=True)
+    said = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []))
+    assert "overwrite: moved the earlier run of" in said
+    assert not (out / "weights" / "lw_adamerging.safetensors").exists()  # nothing of the earlier run beside the new one
+    assert sorted(json.loads((out / "config.json").read_text())["files"]) == sorted(
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in ("config.json", "run.json", ".lock")
+        and p.parent.name != "figures" and p.parent.name != "checkpoints")
 
 
 def test_figures_notebook_missing_run(tmp_path):
     with pytest.raises(pm.PapermillExecutionError) as e:
         run_nb("12_figures.ipynb", tmp_path, run_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path / "f"))
-    assert "holds no lambdas.csv" in str(e.value.evalue)
+    assert "holds no finished run (no config.json)" in str(e.value.evalue)

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_checkpoints import TINY, perturbed, write_ta_folder  # noqa: E402
 
 import adamerging_nb.data as data  # noqa: E402
+import adamerging_nb.models as models  # noqa: E402
 from adamerging_nb.data import class_names, normalize, templates  # noqa: E402
 from adamerging_nb.models import (POOLS, ModelPool, TA_CHECKPOINTS_URL, head_logits, hf_clip, load_pool, register_pool,  # noqa: E402
                                   zeroshot_head)
@@ -36,19 +37,19 @@ def tiny_text_clip(seed=0):
 
 @pytest.fixture
 def fake_test_sets(monkeypatch):
-    "`data.load_test_set` replaced by tiny sets; records the arguments it was called with."
+    "`load_test_set` (as the pools call it) replaced by tiny sets; records the arguments it was called with."
     calls = []
     def load_test_set(task, **kwargs):
         calls.append((task, kwargs))
         return tiny_sets([task])[task]
-    monkeypatch.setattr(data, "load_test_set", load_test_set, raising=False)
+    monkeypatch.setattr(models, "load_test_set", load_test_set)
     return calls
 
 
 def test_registry():
     assert {"vit-b-32-ta8", "vit-b-32-ta8-hf", "tiny"} <= set(POOLS)
     assert load_pool("tiny", n_tasks=2).task_names == ["task0", "task1"]
-    with pytest.raises(KeyError, match="known pools: vit-b-32-ta8, vit-b-32-ta8-hf, tiny"):
+    with pytest.raises(KeyError, match="known pools: vit-b-32-ta8, vit-b-32-ta8-hf, mini, tiny"):
         load_pool("vit-b-32-ta20")
     register_pool("tiny-2", lambda: load_pool("tiny", n_tasks=2))
     try: assert isinstance(load_pool("tiny-2"), ModelPool)
