@@ -100,12 +100,12 @@ def _new(cls, args, where: str):
     "The object of the file's `cls.__new__(cls, *args)` (the NEWOBJ instruction)."
     if isinstance(cls, _Global) and cls.kind == "stub" and isinstance(args, tuple): return Stub(cls.name, args)
     if isinstance(cls, _Global) and cls.kind == "ordered_dict" and args == (): return OrderedDict()
-    _refuse(where, f"it constructs {getattr(cls, 'name', type(cls).__name__)}, which this reader does not allow")
+    _refuse(where, f"it constructs {cls.name if isinstance(cls, _Global) else type(cls).__name__}, which this reader does not allow")
 
 def _build(inst, state, where: str):
     "Set the state of a stub (the BUILD instruction); nothing else may receive state."
     if type(inst) is OrderedDict and isinstance(state, dict) and set(state) <= {"_metadata"}: return  # a state dict's version notes: dropped
-    if not isinstance(inst, Stub): _refuse(where, f"it sets the state of a {getattr(inst, 'name', type(inst).__name__)}; only stand-ins of classes may receive state")
+    if not isinstance(inst, Stub): _refuse(where, f"it sets the state of a {inst.name if isinstance(inst, _Global) else type(inst).__name__}; only stand-ins of classes may receive state")
     if isinstance(state, tuple) and len(state) == 2 and all(s is None or isinstance(s, dict) for s in state):
         state = {**(state[0] or {}), **(state[1] or {})}  # (state, slot state)
     if not isinstance(state, dict): state = {"_state": state}
