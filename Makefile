@@ -30,8 +30,8 @@ REPRO_ARGS ?= -p eval_every 10
 FIGURES ?= figures
 reproduce: setup
 	mkdir -p $(RUNS)/$(REPRO_POOL) $(FIGURES)
-	$(BIN)/papermill nbs/11_reproduce.ipynb $(RUNS)/$(REPRO_POOL)/11_reproduce.ipynb -p pool $(REPRO_POOL) -p output_dir $(RUNS)/$(REPRO_POOL) $(REPRO_ARGS)
-	$(BIN)/papermill nbs/12_figures.ipynb $(RUNS)/$(REPRO_POOL)/12_figures.ipynb -p run_dir $(RUNS)/$(REPRO_POOL) -p output_dir $(FIGURES) -p prefix $(REPRO_POOL)_
+	$(BIN)/papermill nbs/20_reproduce.ipynb $(RUNS)/$(REPRO_POOL)/20_reproduce.ipynb -p pool $(REPRO_POOL) -p output_dir $(RUNS)/$(REPRO_POOL) $(REPRO_ARGS)
+	$(BIN)/papermill nbs/21_figures.ipynb $(RUNS)/$(REPRO_POOL)/21_figures.ipynb -p run_dir $(RUNS)/$(REPRO_POOL) -p output_dir $(FIGURES) -p prefix $(REPRO_POOL)_
 	@echo "results: $(RUNS)/$(REPRO_POOL)/results.md (and .csv); trajectories: $(RUNS)/$(REPRO_POOL)/lambdas.csv; figures: $(FIGURES)/$(REPRO_POOL)_*"
 
 # Engine against the reference loop (full size on a GPU, a tiny model on CPU).

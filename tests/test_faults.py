@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from adamerging_nb.adamerging import merge_pool, merged_wrapper, get_recipe, save_weights, load_weights, NonFiniteError
+from adamerging_nb.adamerging import get_recipe, save_lambdas, load_lambdas, NonFiniteError
+from adamerging_nb.methods import merge_pool, merged_wrapper
 from adamerging_nb import data
 from adamerging_nb.data import InfiniteDataLoader, save_cache, load_cache, CacheError
 from adamerging_nb.engine import DeviceSampler, adamerge_fast, load_checkpoint
@@ -29,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = textwrap.dedent("""
     import os, signal, sys, torch
     from adamerging_nb.testing import tiny_pool
-    from adamerging_nb.adamerging import merged_wrapper, get_recipe
+    from adamerging_nb.adamerging import get_recipe
+    from adamerging_nb.methods import merged_wrapper
     from adamerging_nb.engine import DeviceSampler, adamerge_fast
     ck, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     pool = tiny_pool(); r = get_recipe("paper", steps=16, batch_size=4, batches_per_task=1)
@@ -38,7 +40,7 @@ RUN = textwrap.dedent("""
     def killer(step, m):
         if step == kill_at: os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handlers
     res = adamerge_fast(model, pool.heads, smp, r, log_every=2, checkpoint=ck, checkpoint_every=4, resume=True, callback=killer, progress=False)
-    torch.save({"weights": res.weights, "lambda": torch.tensor(res.trajectory["lambda"].values), "losses": torch.tensor(res.losses)}, out)
+    torch.save({"lambdas": res.lambdas, "lambda": torch.tensor(res.trajectory["lambda"].values), "losses": torch.tensor(res.losses)}, out)
 """)
 
 
@@ -65,7 +67,7 @@ def test_same_seed_same_lambda():
     a = merge_pool(pool, "lw_adamerging", steps=6, batch_size=4, seed=3, progress=False)[1]
     b = merge_pool(pool, "lw_adamerging", steps=6, batch_size=4, seed=3, progress=False)[1]
     c = merge_pool(pool, "lw_adamerging", steps=6, batch_size=4, seed=4, progress=False)[1]
-    assert torch.equal(a.weights, b.weights) and not torch.equal(a.weights, c.weights)
+    assert torch.equal(a.lambdas, b.lambdas) and not torch.equal(a.lambdas, c.lambdas)
 
 
 def test_non_finite_loss_names_step_and_task_and_keeps_last_good(tmp_path):
@@ -98,13 +100,13 @@ def test_checkpoints_of_different_architectures():
 def test_merging_weights_of_wrong_tasks_layers_shape(tmp_path):
     p = tiny_pool(); r = get_recipe("paper")
     lw = merged_wrapper(p, "lw_adamerging", r)
-    save_weights(tmp_path / "w.safetensors", lw)
+    save_lambdas(tmp_path / "w.safetensors", lw)
     tw = merged_wrapper(p, "tw_adamerging", r)
-    with pytest.raises(ValueError, match="shape"): load_weights(tmp_path / "w.safetensors", tw)
+    with pytest.raises(ValueError, match="shape"): load_lambdas(tmp_path / "w.safetensors", tw)
     other = LayerWiseMergedModel(p.pretrained, [p.finetuned[t] for t in p.task_names], task_names=["a", "b", "c"])
-    with pytest.raises(ValueError, match="for tasks"): load_weights(tmp_path / "w.safetensors", other)
-    with pytest.raises(ValueError, match="weights of shape"):
-        merge_pool(p, "lw_adamerging", weights=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="for tasks"): load_lambdas(tmp_path / "w.safetensors", other)
+    with pytest.raises(ValueError, match="λ of shape"):
+        merge_pool(p, "lw_adamerging", lambdas=torch.zeros(3, 2))
 
 
 def test_corrupt_or_truncated_files(tmp_path):
@@ -113,7 +115,7 @@ def test_corrupt_or_truncated_files(tmp_path):
     with pytest.raises(ValueError, match="corrupt or truncated"): read_torch_archive(tmp_path / "cut.pt")
     with pytest.raises(ValueError, match="corrupt or truncated"): load_checkpoint(tmp_path / "cut.pt", {})
     (tmp_path / "w.safetensors").write_bytes(b"\x00" * 10)
-    with pytest.raises(ValueError, match="not a merging-weights file"): load_weights(tmp_path / "w.safetensors", merged_wrapper(tiny_pool(), "tw_adamerging", get_recipe()))
+    with pytest.raises(ValueError, match="not a λ file"): load_lambdas(tmp_path / "w.safetensors", merged_wrapper(tiny_pool(), "tw_adamerging", get_recipe()))
     ts = data.TestSet("MNIST", torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8), torch.arange(4))
     path = save_cache(ts, tmp_path / "cache", source="hf")
     imgs = next(f for f in path.iterdir() if f.suffix == ".npy" and "image" in f.name)
@@ -143,7 +145,7 @@ RESUME_EVAL = textwrap.dedent("""
     import os, signal, sys, json
     import adamerging_nb.engine as engine
     from adamerging_nb.testing import tiny_pool
-    from adamerging_nb.adamerging import merge_pool
+    from adamerging_nb.methods import merge_pool
     ck, kill_at, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     real = engine.trajectory_rows
     def rows(model, step):  # logged every log_every steps: the place to die
@@ -195,7 +197,7 @@ def test_checkpoint_of_another_pool_with_the_same_names_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"belongs to another run \(weights: '[0-9a-f]+' in the file"):
         merge_pool(b, "lw_adamerging", resume=True, **kw)
     _, res = merge_pool(a, "lw_adamerging", resume=True, **kw)  # its own pool resumes (here: already finished)
-    assert res.weights.shape == (3, len(res.layer_names))
+    assert res.lambdas.shape == (3, len(res.layer_names))
 
 
 def test_a_flipped_bit_in_a_checkpoint_is_refused(tmp_path):

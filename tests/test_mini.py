@@ -92,7 +92,7 @@ def test_registered_pool_has_the_real_layout(tmp_path):
 
 
 def test_default_build_shows_the_papers_ordering():
-    """The ordering claim of `nbs/09_mini.ipynb` on the default build (built once, about 2 minutes, into the
+    """The ordering claim of `nbs/15_mini.ipynb` on the default build (built once, about 2 minutes, into the
     user cache that `make reproduce` uses; $ADAMERGING_CACHE moves it): individual > layer-wise AdaMerging >
     Task Arithmetic > pretrained, each margin larger than the spread of layer-wise AdaMerging over three seeds, and
     layer-wise AdaMerging at least 0.5 points above Task Arithmetic (the first default build led it by 0.08 only)."""

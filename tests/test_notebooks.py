@@ -17,12 +17,12 @@ def run_nb(name, out, **params):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    run_nb("11_reproduce.ipynb", d, pool="tiny", seeds=2, steps=4, log_every=2, eval_every=2, output_dir=str(d))
+    run_nb("20_reproduce.ipynb", d, pool="tiny", seeds=2, steps=4, log_every=2, eval_every=2, output_dir=str(d))
     return d
 
 
 def test_reproduce_writes_every_file(tiny_run):
-    for f in ["config.json", "results.csv", "results.md", "accuracies.csv", "lambdas.csv", "layers.csv", "eval_log.csv", "11_reproduce.ipynb"]:
+    for f in ["config.json", "results.csv", "results.md", "accuracies.csv", "lambdas.csv", "layers.csv", "eval_log.csv", "20_reproduce.ipynb"]:
         assert (tiny_run / f).stat().st_size > 0, f
     res = pd.read_csv(tiny_run / "results.csv")
     measured = res[res.source == "measured"]
@@ -42,7 +42,7 @@ def test_reproduce_writes_every_file(tiny_run):
     assert cfg["params"]["pool"] == "tiny" and cfg["seed"] == 0 and "torch" in cfg["versions"]
     assert set(cfg["timings"]) == {"load_pool_s", "methods_s"} and "lw_adamerging" in cfg["adaptation_profile"]
     for m in ["tw_adamerging", "tw_adamergingpp", "lw_adamerging", "lw_adamergingpp"]:
-        assert (tiny_run / "weights" / f"{m}.safetensors").stat().st_size > 0
+        assert (tiny_run / "lambdas" / f"{m}.safetensors").stat().st_size > 0
     for f in ["task_trajectories", "layer_heatmaps", "results", "accuracy_vs_step"]:
         for ext in ("png", "pdf"): assert (tiny_run / "figures" / f"{f}.{ext}").stat().st_size > 0
 
@@ -52,12 +52,12 @@ def test_figures_notebook_refuses_a_changed_run(tiny_run, tmp_path):
     run = tmp_path / "run"; shutil.copytree(tiny_run, run)
     (run / "lambdas.csv").write_text((run / "lambdas.csv").read_text().replace(",0.3", ",0.9", 1))
     with pytest.raises(pm.PapermillExecutionError) as e:
-        run_nb("12_figures.ipynb", tmp_path / "f", run_dir=str(run), output_dir=str(tmp_path / "figs"))
+        run_nb("21_figures.ipynb", tmp_path / "f", run_dir=str(run), output_dir=str(tmp_path / "figs"))
     assert "lambdas.csv is missing or changed since the run wrote it" in str(e.value.evalue)
 
 
 def test_figures_notebook(tiny_run, tmp_path):
-    run_nb("12_figures.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path / "figs"), prefix="tiny_")
+    run_nb("21_figures.ipynb", tmp_path, run_dir=str(tiny_run), output_dir=str(tmp_path / "figs"), prefix="tiny_")
     names = {p.name for p in (tmp_path / "figs").iterdir()}
     for stem in ["official_task_trajectories", "official_layer_heatmaps", "official_accuracy_vs_step", "tiny_task_trajectories",
                  "tiny_layer_heatmaps", "tiny_results", "tiny_vs_official_accuracy_vs_step"]:
@@ -88,17 +88,17 @@ def failing_cell(err_nb_path):
 ])
 def test_bad_parameter_stops_in_first_cell_using_it(tmp_path, params, message):
     with pytest.raises(pm.PapermillExecutionError) as e:
-        run_nb("11_reproduce.ipynb", tmp_path, output_dir=str(tmp_path / "out"), **params)
+        run_nb("20_reproduce.ipynb", tmp_path, output_dir=str(tmp_path / "out"), **params)
     assert message in str(e.value.evalue)
     # code cells: 0 parameters, 1 injected parameters, 2 the first cell that uses them
-    assert failing_cell(tmp_path / "11_reproduce.ipynb") == 2
+    assert failing_cell(tmp_path / "20_reproduce.ipynb") == 2
     assert not (tmp_path / "out").exists()  # nothing was claimed, loaded or written
 
 
 def test_parameters_cells_match_their_declarations():
     "The parameters cell of each notebook is the declaration in `runs`: same names, order, types, defaults and comments."
     from adamerging_nb.runs import REPRODUCE, FIGURES
-    for name, spec in (("11_reproduce.ipynb", REPRODUCE), ("12_figures.ipynb", FIGURES)):
+    for name, spec in (("20_reproduce.ipynb", REPRODUCE), ("21_figures.ipynb", FIGURES)):
         nb = json.loads((NBS / name).read_text())
         cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
         lines = "".join(cell["source"]).splitlines()
@@ -110,7 +110,7 @@ def test_two_runs_into_one_folder_at_once(tmp_path):
     "Started together into one folder: one claims it, the other stops in its first cell, naming the first."
     import subprocess, sys
     out = tmp_path / "run"
-    cmd = lambda i: [sys.executable, "-m", "papermill", str(NBS / "11_reproduce.ipynb"), str(tmp_path / f"nb{i}.ipynb"), "-p", "pool", "tiny",
+    cmd = lambda i: [sys.executable, "-m", "papermill", str(NBS / "20_reproduce.ipynb"), str(tmp_path / f"nb{i}.ipynb"), "-p", "pool", "tiny",
                      "-p", "steps", "2", "-p", "seeds", "1", "-p", "methods", "pretrained,tw_adamerging", "-r", "output_dir", str(out), "--no-progress-bar"]
     procs = [subprocess.Popen(cmd(i), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -123,15 +123,15 @@ def test_two_runs_into_one_folder_at_once(tmp_path):
 
 def test_overwrite_starts_from_an_empty_folder(tmp_path):
     out = tmp_path / "run"
-    run_nb("11_reproduce.ipynb", tmp_path / "a", pool="tiny", steps=2, seeds=1, methods="pretrained,tw_adamerging,lw_adamerging", output_dir=str(out))
-    assert (out / "weights" / "lw_adamerging.safetensors").exists()
+    run_nb("20_reproduce.ipynb", tmp_path / "a", pool="tiny", steps=2, seeds=1, methods="pretrained,tw_adamerging,lw_adamerging", output_dir=str(out))
+    assert (out / "lambdas" / "lw_adamerging.safetensors").exists()
     with pytest.raises(pm.PapermillExecutionError) as e:
-        run_nb("11_reproduce.ipynb", tmp_path / "b", pool="tiny", steps=3, seeds=1, methods="pretrained,tw_adamerging", output_dir=str(out))
+        run_nb("20_reproduce.ipynb", tmp_path / "b", pool="tiny", steps=3, seeds=1, methods="pretrained,tw_adamerging", output_dir=str(out))
     assert "already holds a different run (parameters differ: ['methods', 'steps'])" in str(e.value.evalue)
-    nb = run_nb("11_reproduce.ipynb", tmp_path / "c", pool="tiny", steps=3, seeds=1, methods="pretrained,tw_adamerging", output_dir=str(out), overwrite=True)
+    nb = run_nb("20_reproduce.ipynb", tmp_path / "c", pool="tiny", steps=3, seeds=1, methods="pretrained,tw_adamerging", output_dir=str(out), overwrite=True)
     said = "".join(o.get("text", "") for c in nb["cells"] for o in c.get("outputs", []))
     assert "overwrite: moved the earlier run of" in said
-    assert not (out / "weights" / "lw_adamerging.safetensors").exists()  # nothing of the earlier run beside the new one
+    assert not (out / "lambdas" / "lw_adamerging.safetensors").exists()  # nothing of the earlier run beside the new one
     assert sorted(json.loads((out / "config.json").read_text())["files"]) == sorted(
         str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in ("config.json", "run.json", ".lock")
         and p.parent.name != "figures" and p.parent.name != "checkpoints")
@@ -139,5 +139,5 @@ def test_overwrite_starts_from_an_empty_folder(tmp_path):
 
 def test_figures_notebook_missing_run(tmp_path):
     with pytest.raises(pm.PapermillExecutionError) as e:
-        run_nb("12_figures.ipynb", tmp_path, run_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path / "f"))
+        run_nb("21_figures.ipynb", tmp_path, run_dir=str(tmp_path / "nothing"), output_dir=str(tmp_path / "f"))
     assert "holds no finished run (no config.json)" in str(e.value.evalue)

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from adamerging_nb.plots import (coefficient_matrix, draw_official_figures, plot_layer_heatmaps,
+from adamerging_nb.plots import (lambda_matrix, draw_official_figures, plot_layer_heatmaps,
                                  plot_task_trajectories, save_figure, task_trajectory_table)
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
@@ -34,7 +34,7 @@ def test_run_lambdas_csv_round_trip(tmp_path):
     df = pd.read_csv(run_lambdas(tmp_path))
     t = task_trajectory_table(df, "tw_adamergingpp")
     assert list(t.columns) == ["a", "b", "c"] and list(t.index) == [0, 10, 20]
-    m = coefficient_matrix(df, "lw_adamerging")  # the last step of the trajectory
+    m = lambda_matrix(df, "lw_adamerging")  # the last step of the trajectory
     np.testing.assert_allclose(m.loc["a"].to_numpy(), 0.3 + 0.02 * np.arange(5))
     fig = plot_task_trajectories(df, source="mini")
     assert [line.get_ydata()[0] for line in fig.axes[0].get_lines()] == [0.3] * 3

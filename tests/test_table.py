@@ -5,11 +5,12 @@ import pandas as pd
 import pytest
 import torch
 
-from adamerging_nb.baselines import METHODS, official_merge_weights, run_methods
+from adamerging_nb.baselines import released_lambdas
+from adamerging_nb.methods import METHODS, run_methods
 from adamerging_nb.evaluate import PAPER_METHODS, PAPER_ONLY, format_row, write_table
 from adamerging_nb.merging import LayerWiseMergedModel
 from adamerging_nb.models import ModelPool
-from adamerging_nb.reference import TA8, official_coefficients, official_eval_log, official_layer_index
+from adamerging_nb.reference import TA8, official_lambdas, official_eval_log, official_layer_index
 from adamerging_nb.testing import tiny_pool
 
 
@@ -33,7 +34,7 @@ def released(method: str, key: str) -> torch.Tensor:
     "The released λ (8,) of `method` for the state-dict tensor `key`, looked up through the shipped index."
     idx = official_layer_index()
     layer = int(idx.loc[idx.state_dict_key == key, "layer"].item())
-    co = official_coefficients().query("model == 'ViT-B-32' and method == @method and layer == @layer").set_index("task")
+    co = official_lambdas().query("model == 'ViT-B-32' and method == @method and layer == @layer").set_index("task")
     return torch.tensor(co.loc[TA8, "lambda"].values, dtype=torch.float32)
 
 
@@ -45,11 +46,11 @@ def test_released_layerwise_coefficients_land_by_name(vitb32):
     names = [n for n, p in vitb32.named_parameters() if p.is_floating_point()]
     assert len(names) == 152  # 158 released rows minus the six text-side tensors
     for method in ("lw_adamerging", "lw_adamergingpp"):
-        w = official_merge_weights("ViT-B-32", method, names, TA8)  # the text rows are present and ignored
+        w = released_lambdas("ViT-B-32", method, names, TA8)  # the text rows are present and ignored
         assert w.shape == (8, 152)
         for n in CHECKED: torch.testing.assert_close(w[:, names.index(n)], released(method, "visual." + n))
     # the image encoder's positional embedding is row 4 (visual.), never row 0 (the text tower's, constant 0.3)
-    w = official_merge_weights("ViT-B-32", "lw_adamerging", names, TA8)
+    w = released_lambdas("ViT-B-32", "lw_adamerging", names, TA8)
     assert not torch.allclose(w[:, names.index("positional_embedding")], released("lw_adamerging", "positional_embedding"))
     assert (released("lw_adamerging", "positional_embedding") == 0.3).all()
 
@@ -68,8 +69,8 @@ def test_released_coefficients_merge_the_named_tensors(vitb32):
         tv[n] = (task_of[None] == torch.arange(8)[:, None]).to(torch.bfloat16).view(8, *shapes[n])
     model = LayerWiseMergedModel(vitb32, task_vectors=tv, task_names=TA8, tv_dtype=torch.bfloat16)
     with torch.no_grad():
-        model.merge_weight.copy_(official_merge_weights("ViT-B-32", "lw_adamerging", model.layer_names, model.task_names))
-        merged = model.merge(model.layer_weights())
+        model.merge_weight.copy_(released_lambdas("ViT-B-32", "lw_adamerging", model.layer_names, model.task_names))
+        merged = model.merge(model.effective_lambdas())
     base = dict(vitb32.named_parameters())
     for n in CHECKED:
         lam = released("lw_adamerging", "visual." + n)
@@ -81,15 +82,15 @@ def test_released_coefficients_merge_the_named_tensors(vitb32):
 
 def test_released_taskwise_and_other_models(vitb32):
     names = [n for n, _ in vitb32.named_parameters()]
-    tw = official_merge_weights("ViT-B-32", "tw_adamergingpp")
+    tw = released_lambdas("ViT-B-32", "tw_adamergingpp")
     assert tw.shape == (8,)
-    co = official_coefficients().query("model == 'ViT-B-32' and method == 'tw_adamergingpp'").set_index("task")
+    co = official_lambdas().query("model == 'ViT-B-32' and method == 'tw_adamergingpp'").set_index("task")
     torch.testing.assert_close(tw, torch.tensor(co.loc[TA8, "lambda"].values, dtype=torch.float32))
-    assert official_merge_weights("ViT-B-16", "lw_adamerging", names).shape == (8, 152)  # same tensor names as ViT-B/32
+    assert released_lambdas("ViT-B-16", "lw_adamerging", names).shape == (8, 152)  # same tensor names as ViT-B/32
     with pytest.raises(ValueError, match="tensors the model lacks"):
-        official_merge_weights("ViT-L-14", "lw_adamerging", names)  # 24 blocks: not this model
-    with pytest.raises(ValueError, match="no coefficient for"):
-        official_merge_weights("ViT-B-32", "lw_adamerging", names + ["visual_extra.weight"])
+        released_lambdas("ViT-L-14", "lw_adamerging", names)  # 24 blocks: not this model
+    with pytest.raises(ValueError, match="no λ for"):
+        released_lambdas("ViT-B-32", "lw_adamerging", names + ["visual_extra.weight"])
 
 
 def test_authors_log_prints_as_the_paper():
