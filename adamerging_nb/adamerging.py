@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_tensors, load_file
 from .files import weights_fingerprint, write_atomic
 from .losses import entropy_loss, head_logits
-from .merging import MergedModel, TaskWiseMergedModel, LayerWiseMergedModel
+from .merging import MergedModel, TaskWiseMergedModel
 from .data import InfiniteDataLoader, batches
 from .models import ModelPool
 

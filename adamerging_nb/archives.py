@@ -7,7 +7,7 @@ __all__ = ['STUB_MODULES', 'RESAVE_HINT', 'ArchiveError', 'Stub', 'unpickle', 'r
            'read_weights']
 
 # %% ../nbs/01_archives.ipynb #1c941fee
-import io, pickletools, re, zipfile
+import pickletools, re, zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path

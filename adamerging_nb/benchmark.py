@@ -6,7 +6,7 @@
 __all__ = ['standins', 'reference_grad', 'bench_recipe', 'bench_eval', 'format_report', 'main']
 
 # %% ../nbs/17_benchmark.ipynb #d4921138
-import argparse, json, os, time
+import argparse, json, time
 from collections.abc import Sequence
 import open_clip
 import torch
@@ -17,7 +17,7 @@ from .merging import LayerWiseMergedModel
 from .data import TASKS, TestSet
 from .reference import TA8
 from .testing import tiny_encoder
-from .adamerging import adamerge, get_recipe, RECIPES
+from .adamerging import adamerge, get_recipe
 from .engine import DeviceSampler, adamerge_fast, engine_step, zero_grad_layers
 from .evaluate import accuracy
 

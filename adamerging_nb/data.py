@@ -18,14 +18,14 @@ from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 from urllib.parse import urlparse
-import csv, gzip, json, math, os, re, shutil, socket, tempfile, time, warnings
+import csv, gzip, math, os, re, socket, time, warnings
 import numpy as np
 from PIL import Image
 from .files import ChecksumError, read_sealed_json, sealed_json, sha256_file, write_folder_atomic
 from tqdm.auto import tqdm
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 from .reference import classnames_templates
 import adamerging_nb
 

@@ -11,7 +11,6 @@ import contextlib, copy, os
 from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Mapping, Sequence
-import pandas as pd
 import torch
 from torch import Tensor
 from torch.func import functional_call

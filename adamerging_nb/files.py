@@ -7,7 +7,7 @@ __all__ = ['STATE_FORMAT', 'fsync_dir', 'write_atomic', 'write_folder_atomic', '
            'read_sealed_json', 'tensor_bytes', 'save_state', 'load_state', 'weights_fingerprint']
 
 # %% ../nbs/00_files.ipynb #1b71ab10
-import hashlib, json, math, os, shutil, tempfile
+import hashlib, json, os, shutil, tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 import torch

@@ -11,10 +11,10 @@ __all__ = ['SIZE', 'SHAPES', 'TEXTURES', 'HUES', 'COUNTS', 'GLYPHS', 'POSITIONS'
            'build_mini', 'mini_folder', 'save_build', 'MiniCacheError', 'load_build', 'pool_from_build', 'mini_pool']
 
 # %% ../nbs/15_mini.ipynb #891a4a27
-import colorsys, hashlib, json, logging, math, os, shutil, tempfile, time, warnings
+import colorsys, hashlib, json, logging, math, os, shutil, time, warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, asdict, fields, replace
+from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 import numpy as np
 import torch

@@ -4,14 +4,13 @@
 
 # %% auto #0
 __all__ = ['CLIP_MODELS', 'TA_CHECKPOINTS_URL', 'HF_PRETRAINED', 'HF_FINETUNED', 'HF_TASK_SLUGS', 'RUN_PATHS', 'POOL_ARGUMENTS',
-           'POOLS', 'ModelPool', 'open_clip_name', 'create_clip', 'read_ta_state_dict', 'visual_state',
+           'POOLS', 'ModelPool', 'open_clip_name', 'loaded', 'create_clip', 'read_ta_state_dict', 'visual_state',
            'encoder_from_state', 'read_ta_encoder', 'read_ta_head', 'ta_checkpoint_files', 'hf_to_open_clip',
            'read_hf_checkpoint', 'hf_clip', 'hf_image_encoder', 'zeroshot_head', 'zeroshot_heads', 'PoolSpec',
            'register_pool', 'pool_spec', 'load_pool', 'ta8_pool', 'hf_ta8_pool']
 
 # %% ../nbs/07_models.ipynb #082fcad2
 from dataclasses import dataclass, field
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 import copy, hashlib, importlib, json, math, os, re, warnings
@@ -20,14 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file, save as save_tensors
+from safetensors.torch import save as save_tensors
 from .files import weights_fingerprint, write_atomic
-from .archives import ArchiveError, read_torch_archive, read_weights, stub_state_dict
+from .archives import read_torch_archive, read_weights, stub_state_dict
 from open_clip.model import CLIP
 from open_clip.transformer import QuickGELU, VisionTransformer
 from .data import TestSet, OPENAI_MEAN, OPENAI_STD, class_names, load_test_set, templates
 from .reference import TA8
-from .losses import head_logits
 from .task_vectors import check_same_layout, state_dict_of
 
 # %% ../nbs/07_models.ipynb #e59680a8
@@ -67,6 +65,17 @@ def open_clip_name(
     if model in CLIP_MODELS.values(): return model
     raise KeyError(f"unknown model {model!r}; known models: {', '.join(CLIP_MODELS)}")
 
+# %% ../nbs/07_models.ipynb #27a3a50a
+def loaded(
+    model: nn.Module,
+    sd: Mapping[str, Tensor],  # a state dict of exactly `model`'s layout
+    what: str = "checkpoint",  # how to name `sd` in errors
+) -> nn.Module:  # `model`, loaded, in eval mode
+    "Load `sd` into `model` after checking that names and shapes match (the first differences named)."
+    check_same_layout(model.state_dict(), sd, what)
+    model.load_state_dict(sd)
+    return model.eval()
+
 # %% ../nbs/07_models.ipynb #e37f710d
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
@@ -100,12 +109,9 @@ def create_clip(
                                     f"(cache_dir={cache_dir or 'the Hugging Face default'}). Run once with network access to fill "
                                     "the cache, or pass pretrained=<path to a weights file>.")
     model = open_clip.create_model(name, pretrained=None, device=device)
-    if weights is not None:  # read as data (never through torch.load), then loaded
-        sd = read_weights(weights)
-        sd = {k.removeprefix("module."): v for k, v in sd.items()}
-        check_same_layout(model.state_dict(), sd, f"weights file {weights}")
-        model.load_state_dict(sd)
-    return model.eval()
+    if weights is None: return model.eval()
+    sd = {k.removeprefix("module."): v for k, v in read_weights(weights).items()}  # read as data (never through torch.load)
+    return loaded(model, sd, f"weights file {weights}")
 
 # %% ../nbs/07_models.ipynb #9e5df00d
 def read_ta_state_dict(
@@ -145,9 +151,7 @@ def encoder_from_state(
     m = VisionTransformer(image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=heads or max(1, width // 64),
                           mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width, output_dim=sd["proj"].shape[1],
                           act_layer=QuickGELU if quick_gelu else nn.GELU)
-    check_same_layout(m.state_dict(), sd, what)
-    m.load_state_dict(sd)
-    return m.eval()
+    return loaded(m, sd, what)
 
 # %% ../nbs/07_models.ipynb #6cd4716e
 def read_ta_encoder(
@@ -280,10 +284,7 @@ def hf_clip(
                 head_width=vw // vc.get("num_attention_heads", 12), mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / vw)
     tcfg = dict(context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0], width=tw,
                 heads=tc.get("num_attention_heads", 8), layers=tc.get("num_hidden_layers", 12), mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / tw)
-    model = CLIP(sd["text_projection"].shape[1], vcfg, tcfg, quick_gelu=_hf_act(vc))
-    check_same_layout(model.state_dict(), sd, f"converted {path_or_id}")
-    model.load_state_dict(sd)
-    return model.eval()
+    return loaded(CLIP(sd["text_projection"].shape[1], vcfg, tcfg, quick_gelu=_hf_act(vc)), sd, f"converted {path_or_id}")
 
 # %% ../nbs/07_models.ipynb #0bfeb40d
 def hf_image_encoder(

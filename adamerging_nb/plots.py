@@ -8,7 +8,6 @@ __all__ = ['SOURCES', 'add_source', 'task_trajectory_table', 'plot_task_trajecto
 
 # %% ../nbs/14_plots.ipynb #77aa9906
 import io
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path

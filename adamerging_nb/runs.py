@@ -9,7 +9,7 @@ __all__ = ['REPRODUCE', 'FIGURES', 'Param', 'at_least', 'one_of', 'non_empty', '
            'figure_source', 'draw_run_figures', 'check_figures']
 
 # %% ../nbs/16_runs.ipynb #46878161
-import fcntl, json, math, os, platform, re, shutil, socket, subprocess, time
+import fcntl, json, math, os, platform, re, socket, subprocess, time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -22,7 +22,8 @@ from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Norma
 
 from adamerging_nb.archives import ArchiveError, read_torch_archive
 from adamerging_nb.models import (create_clip, hf_image_encoder, hf_clip, read_hf_checkpoint, read_ta_encoder,
-                                  read_ta_head, read_ta_state_dict, visual_state, head_logits, hf_to_open_clip)
+                                  read_ta_head, read_ta_state_dict, visual_state, hf_to_open_clip)
+from adamerging_nb.losses import head_logits
 from adamerging_nb.reference import official_layer_index
 
 B32 = dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, mlp_ratio=4.0)

@@ -15,7 +15,8 @@ from test_checkpoints import TINY, perturbed, write_ta_folder  # noqa: E402
 import adamerging_nb.data as data  # noqa: E402
 import adamerging_nb.models as models  # noqa: E402
 from adamerging_nb.data import class_names, normalize, templates  # noqa: E402
-from adamerging_nb.models import (POOLS, ModelPool, TA_CHECKPOINTS_URL, head_logits, hf_clip, load_pool, register_pool,  # noqa: E402
+from adamerging_nb.losses import head_logits  # noqa: E402
+from adamerging_nb.models import (POOLS, ModelPool, TA_CHECKPOINTS_URL, hf_clip, load_pool, register_pool,  # noqa: E402
                                   zeroshot_head)
 from adamerging_nb.testing import same_state  # noqa: E402
 
