@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 # two cores: one thread per test process avoids oversubscription (nbdev_test runs two notebooks at once)
 test: export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup reproduce test check-sync bench clean
+.PHONY: setup reproduce test test-full-size check-sync bench gpu-wheels gpu-check clean
 
 $(BIN)/.installed: setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,30 @@ bench: setup
 test: setup
 	$(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q tests
+
+# Both real pools end to end at full ViT-B/32 size on the CPU, from stand-ins in the real formats (about 30 min
+# on 2 cores, peak RAM about 14 GiB, 12 GB of temporary files); the phases measured go to $(RUNS)/full_size.json.
+test-full-size: setup
+	FULL_SIZE_REPORT=$(RUNS)/full_size.json $(BIN)/pytest -q --full-size tests/test_full_size.py
+
+# The GPU check, in two steps. Here (with PyPI): fetch the wheels that a GPU machine with only its own python3
+# and torch lacks (about 2 MiB) into .whl/, with the commit they belong to.
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 fastcore==1.14.5
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	git rev-parse HEAD > .whl/COMMIT
+	@du -sh .whl
+
+# There (offline, no .venv: the machine's own python3 and torch): stand-ins, the paper-recipe table at full length
+# on them, adamerging-bench, one report in $(GPU_OUT)/gpu_check.json. Stand-ins and the run go to $(GPU_WORK) (17 GiB).
+GPU_OUT ?= $(RUNS)/gpu-check
+GPU_WORK ?= /tmp/adamerging-gpu-check
+GPU_ARGS ?=
+gpu-check:
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+	PYTHONPATH=/tmp/site:$(CURDIR) ADAMERGING_COMMIT=$$(cat .whl/COMMIT) python3 -m adamerging_nb.gpu_check $(GPU_OUT) --work $(GPU_WORK) $(GPU_ARGS)
 
 # CI: notebooks and package must agree, and notebooks must be clean.
 check-sync: setup

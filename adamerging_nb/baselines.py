@@ -13,7 +13,7 @@ import open_clip
 import pandas as pd
 import torch
 from torch import Tensor, nn
-from .task_vectors import state_dict_of, check_same_layout, task_vectors, ties_task_vectors
+from .task_vectors import state_dict_of, check_same_layout, task_vectors as make_task_vectors, ties_task_vectors
 from .reference import TA8, official_lambdas, official_layer_index
 
 # %% ../nbs/12_baselines.ipynb #f316ed98
@@ -25,8 +25,8 @@ def _states(pretrained, finetuned) -> tuple[dict, list[dict]]:
     return base, sds
 
 def _with_updates(base: Mapping[str, Tensor], merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    "The pretrained state dict with its floating-point tensors replaced by `merged`."
-    return {k: (merged[k].to(v.dtype) if k in merged else v.clone()) for k, v in base.items()}
+    "The pretrained state dict with its floating-point tensors replaced by `merged` (brought to the pretrained tensors' device)."
+    return {k: (merged[k].to(v.device, v.dtype) if k in merged else v.clone()) for k, v in base.items()}
 
 # %% ../nbs/12_baselines.ipynb #02469554
 def weight_averaging(
@@ -39,21 +39,24 @@ def weight_averaging(
 
 # %% ../nbs/12_baselines.ipynb #4893c8d6
 def _scaled_sum(base: Mapping[str, Tensor], tv: Mapping[str, Tensor], lambdas: float | Sequence[float]) -> dict[str, Tensor]:
-    "θ₀ + Σ_k λ_k τ_k for stacked task vectors (K, *shape); one λ for all tasks or one per task."
+    "θ₀ + Σ_k λ_k τ_k for stacked task vectors (K, *shape), on the task vectors' device; one λ for all tasks or one per task."
     K = next(iter(tv.values())).shape[0]
     lam = torch.as_tensor(lambdas, dtype=torch.float64).flatten()
-    if lam.numel() == 1: return {k: base[k] + float(lam) * v.sum(0) for k, v in tv.items()}
+    if lam.numel() == 1: return {k: base[k].to(v.device) + float(lam) * v.sum(0) for k, v in tv.items()}
     if lam.numel() != K: raise ValueError(f"{lam.numel()} λ for {K} task vectors; give one λ, or one per task")
-    return {k: base[k] + sum(float(l) * v[i] for i, l in enumerate(lam)) for k, v in tv.items()}
+    return {k: base[k].to(v.device) + sum(float(l) * v[i] for i, l in enumerate(lam)) for k, v in tv.items()}
 
 def task_arithmetic(
     pretrained: nn.Module | Mapping[str, Tensor],  # θ₀
-    finetuned: Sequence[nn.Module | Mapping[str, Tensor]],  # θ₁ … θ_K
+    finetuned: Sequence[nn.Module | Mapping[str, Tensor]] | None = None,  # θ₁ … θ_K (or give `task_vectors`)
     lambdas: float | Sequence[float] = 0.3,  # λ of every task, or one per task
+    task_vectors: Mapping[str, Tensor] | None = None,  # name -> (K, *shape) computed already (e.g. `MergedModel.task_vectors()`)
 ) -> dict[str, Tensor]:  # merged state dict
     "θ₀ + Σ_k λ_k (θ_k − θ₀)."
-    base, sds = _states(pretrained, finetuned)
-    return _with_updates(base, _scaled_sum(base, task_vectors(base, sds), lambdas))
+    if (finetuned is None) == (task_vectors is None): raise ValueError("give exactly one of `finetuned` or `task_vectors`")
+    if task_vectors is None: base, sds = _states(pretrained, finetuned); task_vectors = make_task_vectors(base, sds)
+    else: base = state_dict_of(pretrained)
+    return _with_updates(base, _scaled_sum(base, task_vectors, lambdas))
 
 # %% ../nbs/12_baselines.ipynb #733d86c0
 def ties_merging(
@@ -66,7 +69,7 @@ def ties_merging(
 ) -> dict[str, Tensor]:  # merged state dict
     "θ₀ + Σ_k λ_k TIES(τ)_k: trim to the top `density`, elect signs, sum agreeing entries."
     base, sds = _states(pretrained, finetuned)
-    tv = ties_task_vectors({k: v.to(device) for k, v in task_vectors(base, sds).items()} if device else task_vectors(base, sds), density, ties_padding)
+    tv = ties_task_vectors({k: v.to(device) for k, v in make_task_vectors(base, sds).items()} if device else make_task_vectors(base, sds), density, ties_padding)
     return _with_updates(base, _scaled_sum(base, {k: v.to(base[k].device) for k, v in tv.items()}, lambdas))
 
 # %% ../nbs/12_baselines.ipynb #7cbf55ca

@@ -6,8 +6,9 @@
 __all__ = ['OPENAI_MEAN', 'OPENAI_STD', 'TASKS', 'IMG_EXTENSIONS', 'SOURCES', 'CACHE_VERSION', 'VERIFY_IMAGES',
            'InfiniteDataLoader', 'TestSet', 'normalize', 'batches', 'TaskInfo', 'task_info', 'class_names', 'templates',
            'preprocess_image', 'RawTestSet', 'preprocess_all', 'hf_raw', 'hub_dataset', 'disk_dataset', 'image_folder',
-           'folder_class_name', 'read_idx', 'write_idx', 'folder_raw', 'read_source', 'check_test_size', 'write_cache',
-           'CacheError', 'load_cache', 'save_cache', 'cache_path', 'load_test_set', 'relabel', 'load_test_sets']
+           'folder_class_name', 'class_folders', 'read_idx', 'write_idx', 'folder_raw', 'read_source',
+           'check_test_size', 'write_cache', 'CacheError', 'load_cache', 'save_cache', 'cache_path', 'load_test_set',
+           'relabel', 'load_test_sets']
 
 # %% ../nbs/06_data.ipynb #22f4ac5c
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import csv, gzip, math, os, re, socket, time, warnings
 import numpy as np
 from PIL import Image
 from .files import ChecksumError, read_sealed_json, sealed_json, sha256_file, write_folder_atomic
+from .phases import phase
 from tqdm.auto import tqdm
 import torch
 from torch import Tensor
@@ -318,6 +320,15 @@ def folder_class_name(
     if task == "SUN397": folder = re.sub(r"^[a-z]_", "", folder)
     return folder.replace("_", " ")
 
+# %% ../nbs/06_data.ipynb #2109e385
+def class_folders(
+    task: str,  # a name of `TASKS` read as class folders (SUN397, EuroSAT, DTD, RESISC45)
+) -> list[str]:  # one folder name per class, in label order
+    "Class folder names from which Task Arithmetic derives `class_names(task)`."
+    if task == "EuroSAT": return list(_EUROSAT_NAMES)
+    names = [c.replace(" ", "_") for c in class_names(task)]
+    return [f"{c[0]}_{c}" for c in names] if task == "SUN397" else names
+
 # %% ../nbs/06_data.ipynb #703bde99
 def _require(task: str, root: Path, *paths: Path):
     "Fail with the expected layout when any of `paths` is missing."
@@ -573,6 +584,9 @@ def load_test_set(
     verify: bool | None = None,  # hash every byte of a cached images.npy (see `load_cache`)
 ) -> TestSet:  # images (N, 3, S, S) uint8, labels (N,), class names in label order
     "The preprocessed test set of `task`, from its cache when there is one."
+    with phase("test sets"): return _load_test_set(task, source, root, cache_dir, image_size, check_size, num_workers, hf_cache_dir, progress, verify)
+
+def _load_test_set(task, source, root, cache_dir, image_size, check_size, num_workers, hf_cache_dir, progress, verify) -> TestSet:
     info = task_info(task)
     path = None if cache_dir is None else cache_path(cache_dir, info.name, source, image_size)
     if path is not None and path.exists():

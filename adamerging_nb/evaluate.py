@@ -55,6 +55,7 @@ def evaluate(
     device: str | torch.device | None = None,  # default: each model's device
     bf16: bool = False,  # bfloat16 autocast on CUDA
     progress: bool = True,  # tqdm bar over tasks
+    test_sets: Mapping[str, TestSet] | None = None,  # the pool's test sets where they already sit on the device (default: `pool.test_sets`)
 ) -> dict[str, float]:  # task -> accuracy (fraction)
     "Top-1 accuracy of `model` on each task of `pool`."
     tasks = list(pool.task_names if tasks is None else tasks)
@@ -63,11 +64,12 @@ def evaluate(
     if isinstance(model, Mapping) and (missing := [t for t in tasks if t not in model]):
         raise ValueError(f"no model for tasks {missing}; give one encoder, or one per task")
     out = {}
-    for t in (bar := tqdm(tasks, desc="evaluate", disable=not progress)):
+    for t in (bar := tqdm(tasks, desc="evaluate", disable=not progress, leave=False)):
         bar.set_postfix(task=t)
         m = model[t] if isinstance(model, Mapping) else model
         was_training, was_on = m.training, next(m.parameters()).device
-        try: out[t] = accuracy(m.eval().to(device or was_on), pool.heads[t], pool.test_sets[t], batch_size, device, bf16, pool.mean, pool.std)
+        ts = (test_sets or pool.test_sets)[t]
+        try: out[t] = accuracy(m.eval().to(device or was_on), pool.heads[t], ts, batch_size, device, bf16, pool.mean, pool.std)
         finally: m.to(was_on).train(was_training)
     return out
 

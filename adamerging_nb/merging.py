@@ -124,6 +124,34 @@ class LayerWiseMergedModel(MergedModel):
         "Effective coefficient per task and layer: the clamped λ."
         return self.merge_weight.clamp(0, 1) if self.clamp_weights else self.merge_weight
 
+# %% ../nbs/05_merging.ipynb #653477d7
+@patch(cls_method=True)
+def sharing(cls: MergedModel,
+            other: MergedModel,  # a wrapper whose stored tensors the new one uses (nothing is copied)
+            init_values: float | Tensor = 0.3,  # initial λ
+            clamp_weights: bool = True,  # clamp λ to [0, 1] in the forward pass
+           ) -> MergedModel:
+    "A wrapper of class `cls` with a fresh λ over the pretrained weights and task vectors `other` stores."
+    m = cls.__new__(cls); nn.Module.__init__(m)
+    for a in ("layer_names", "n_tasks", "task_names", "groups", "buffer_names"): setattr(m, a, copy.copy(getattr(other, a)))
+    for name, b in other.named_buffers(recurse=False): m.register_buffer(name, b, persistent=False)
+    object.__setattr__(m, "skeleton", copy.deepcopy(other.skeleton))  # meta tensors: free to copy
+    m.clamp_weights = clamp_weights
+    m.merge_weight = nn.Parameter(m._initial_lambdas(init_values))
+    return m.train(other.training)
+
+@patch
+def task_vectors(self: MergedModel) -> dict[str, Tensor]:  # layer name -> (K, *shape), views of the stored blocks
+    "The stored task vectors, per layer, in layer order."
+    views = {self.layer_names[i]: getattr(self, f"tv_{g}")[j] for g, idx in enumerate(self.groups) for j, i in enumerate(idx)}
+    return {n: views[n] for n in self.layer_names}
+
+@patch
+def pretrained_state(self: MergedModel) -> dict[str, Tensor]:  # name -> tensor: the pretrained model's state dict, views
+    "The stored pretrained parameters and buffers, by name."
+    views = {self.layer_names[i]: getattr(self, f"base_{g}")[j] for g, idx in enumerate(self.groups) for j, i in enumerate(idx)}
+    return {**{n: views[n] for n in self.layer_names}, **self.pretrained_buffers()}
+
 # %% ../nbs/05_merging.ipynb #82e0ac3f
 def reference_merge(
     pretrained: nn.Module,

@@ -6,8 +6,8 @@
 __all__ = ['CLIP_MODELS', 'TA_CHECKPOINTS_URL', 'HF_PRETRAINED', 'HF_FINETUNED', 'HF_TASK_SLUGS', 'RUN_PATHS', 'POOL_ARGUMENTS',
            'POOLS', 'ModelPool', 'open_clip_name', 'loaded', 'create_clip', 'read_ta_state_dict', 'visual_state',
            'encoder_from_state', 'read_ta_encoder', 'read_ta_head', 'ta_checkpoint_files', 'hf_to_open_clip',
-           'read_hf_checkpoint', 'hf_clip', 'hf_image_encoder', 'zeroshot_head', 'zeroshot_heads', 'PoolSpec',
-           'register_pool', 'pool_spec', 'load_pool', 'ta8_pool', 'hf_ta8_pool']
+           'open_clip_to_hf', 'read_hf_checkpoint', 'hf_clip', 'hf_image_encoder', 'encode_prompts', 'zeroshot_head',
+           'zeroshot_heads', 'PoolSpec', 'register_pool', 'pool_spec', 'load_pool', 'ta8_pool', 'hf_ta8_pool']
 
 # %% ../nbs/07_models.ipynb #082fcad2
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
 from .files import weights_fingerprint, write_atomic
+from .phases import phase
 from .archives import read_torch_archive, read_weights, stub_state_dict
 from open_clip.model import CLIP
 from open_clip.transformer import QuickGELU, VisionTransformer
@@ -41,18 +42,18 @@ class ModelPool:
     mean: Sequence[float] = OPENAI_MEAN
     std: Sequence[float] = OPENAI_STD
     ties_padding: int = 0  # zero task-vector entries the original checkpoints hold beside the image tower (TIES counts them)
-    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
+    cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # what runs derive from the pool once (`methods`)
     def __post_init__(self):
         for what, d in (("fine-tuned models", self.finetuned), ("heads", self.heads), ("test sets", self.test_sets)):
             if list(d) != list(self.task_names):
                 raise ValueError(f"pool {self.name!r}: the {what} are for tasks {list(d)}, the pool's tasks are {list(self.task_names)}")
     def fingerprint(self) -> str:  # hex digest, computed once per pool object
         "SHA-256 of the pretrained and fine-tuned weights and the heads: what an adaptation run depends on besides its data."
-        if self._fingerprint is None:
+        if "fingerprint" not in self.cache:
             tensors = {f"pretrained.{k}": v for k, v in self.pretrained.state_dict().items()}
             tensors |= {f"{t}.{k}": v for t in self.task_names for k, v in self.finetuned[t].state_dict().items()}
-            self._fingerprint = weights_fingerprint(tensors | {f"head.{t}": self.heads[t] for t in self.task_names})
-        return self._fingerprint
+            self.cache["fingerprint"] = weights_fingerprint(tensors | {f"head.{t}": self.heads[t] for t in self.task_names})
+        return self.cache["fingerprint"]
 
 # %% ../nbs/07_models.ipynb #4136330d
 CLIP_MODELS = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-B-16": "ViT-B-16-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu"}
@@ -240,6 +241,35 @@ def hf_to_open_clip(
         raise ValueError(f"unexpected tensors in the Hugging Face checkpoint: {left[:5]}; only CLIPModel and CLIPVisionModel weights convert")
     return out
 
+# %% ../nbs/07_models.ipynb #99a1d34b
+def open_clip_to_hf(
+    state: Mapping[str, Tensor],  # an open_clip `CLIP` state dict, or its image tower's keys under `visual.`
+) -> dict[str, Tensor]:  # Hugging Face `CLIPModel` keys (`vision_model.*`, `text_model.*`, projections)
+    "Rename and reshape open_clip CLIP weights into Hugging Face's layout (the inverse of `hf_to_open_clip`)."
+    out = {}
+    for src, tower in (("visual.", "vision_model."), ("", "text_model.")):
+        pre = f"{src}transformer.resblocks."
+        blocks = sorted({int(k[len(pre):].split(".")[0]) for k in state if k.startswith(pre)})
+        if not blocks: continue
+        e = tower + "embeddings."
+        if src:
+            out |= {e + "class_embedding": state["visual.class_embedding"], e + "patch_embedding.weight": state["visual.conv1.weight"]}
+            norms = {"ln_pre": "pre_layrnorm", "ln_post": "post_layernorm"}
+        else:
+            out[e + "token_embedding.weight"] = state["token_embedding.weight"]
+            norms = {"ln_final": "final_layer_norm"}
+        out[e + "position_embedding.weight"] = state[src + "positional_embedding"]
+        for p in ("weight", "bias"):
+            out |= {f"{tower}{h}.{p}": state[f"{src}{o}.{p}"] for o, h in norms.items()}
+            for i in blocks:
+                s, d = f"{src}transformer.resblocks.{i}.", f"{tower}encoder.layers.{i}."
+                for q, t in zip("qkv", state[f"{s}attn.in_proj_{p}"].chunk(3)): out[f"{d}self_attn.{q}_proj.{p}"] = t.contiguous()
+                out |= {f"{d}{h}.{p}": state[f"{s}{o}.{p}"] for h, o in _HF_LAYER.items()}
+    for o, h in (("visual.proj", "visual_projection.weight"), ("text_projection", "text_projection.weight")):
+        if o in state: out[h] = state[o].T.contiguous()
+    if "logit_scale" in state: out["logit_scale"] = state["logit_scale"]
+    return out
+
 # %% ../nbs/07_models.ipynb #e90213f7
 def read_hf_checkpoint(
     path_or_id: str | Path,  # a local folder or a Hugging Face model id such as 'openai/clip-vit-base-patch32'
@@ -303,6 +333,23 @@ def hf_image_encoder(
     vc = cfg.get("vision_config", cfg)
     return encoder_from_state(sd, vc.get("num_attention_heads", 12), _hf_act(vc), what=f"image encoder of {path_or_id}")
 
+# %% ../nbs/07_models.ipynb #5efd933e
+def encode_prompts(
+    clip: nn.Module,  # an open_clip `CLIP`, or any model with `encode_text(tokens)`
+    tokens: Tensor,  # (N, context_length) token ids, zero after each prompt's end token (the largest id)
+) -> Tensor:  # (N, D), equal to `clip.encode_text(tokens)`
+    "`clip.encode_text`, with the text tower run only up to the longest prompt's end token."
+    parts = ("token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection")
+    if (not all(hasattr(clip, p) for p in parts) or getattr(clip, "attn_mask", None) is None
+            or getattr(clip, "text_pool_type", "argmax") != "argmax" or not getattr(clip.transformer, "batch_first", False)):
+        return clip.encode_text(tokens)
+    n = int(tokens.argmax(dim=-1).max()) + 1
+    cast = clip.transformer.get_cast_dtype()
+    x = clip.token_embedding(tokens[:, :n]).to(cast) + clip.positional_embedding[:n].to(cast)
+    x = clip.ln_final(clip.transformer(x, attn_mask=clip.attn_mask[:n, :n]))
+    x = x[torch.arange(len(x), device=x.device), tokens[:, :n].argmax(dim=-1)]
+    return clip.text_projection(x) if isinstance(clip.text_projection, nn.Linear) else x @ clip.text_projection
+
 # %% ../nbs/07_models.ipynb #4f1af2e2
 def zeroshot_head(
     clip: nn.Module,  # has `encode_text(tokens) -> (N, D)` and `logit_scale`
@@ -316,7 +363,7 @@ def zeroshot_head(
     texts = [t.replace("{c}", c) for c in names for t in prompts]
     device = next(clip.parameters()).device
     with torch.no_grad():
-        emb = torch.cat([clip.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float() for i in range(0, len(texts), batch_size)])
+        emb = torch.cat([encode_prompts(clip, tokenizer(texts[i:i + batch_size]).to(device)).float() for i in range(0, len(texts), batch_size)])
         emb = F.normalize(emb, dim=-1).view(len(names), len(prompts), -1).mean(dim=1)
         return (F.normalize(emb, dim=-1) * clip.logit_scale.exp().float()).cpu()
 
@@ -330,6 +377,9 @@ def zeroshot_heads(
     model_key: str = "ViT-B-32-openai",  # names the weights the heads come from (one cache folder per model)
 ) -> dict[str, Tensor]:  # task -> (C, D)
     "Zero-shot heads of `tasks`, built from the text tower once and cached per model and task."
+    with phase("heads"): return _zeroshot_heads(tasks, clip, tokenizer, names, cache_dir, model_key)
+
+def _zeroshot_heads(tasks, clip, tokenizer, names, cache_dir, model_key) -> dict[str, Tensor]:
     out, model = {}, None
     for t in tasks:
         cls, prompts = list((names or {}).get(t) or class_names(t)), templates(t)
@@ -346,7 +396,7 @@ def zeroshot_heads(
 
 # %% ../nbs/07_models.ipynb #97abbe19
 RUN_PATHS = ("checkpoint_root", "data_root", "data_source", "cache_dir")  # the run parameters that say where a pool's files are
-POOL_ARGUMENTS = RUN_PATHS + ("verify_cache",)  # every run parameter that a pool's loader may take
+POOL_ARGUMENTS = RUN_PATHS + ("verify_cache", "check_size")  # every run parameter that a pool's loader may take
 
 @dataclass(frozen=True)
 class PoolSpec:
@@ -358,8 +408,8 @@ class PoolSpec:
     source: str = "full GPU run, this project"  # how figures of its runs name their source
 
 POOLS: dict[str, PoolSpec] = {
-    "vit-b-32-ta8": PoolSpec("adamerging_nb.models.ta8_pool", takes=RUN_PATHS + ("verify_cache",), needs=("checkpoint_root",)),
-    "vit-b-32-ta8-hf": PoolSpec("adamerging_nb.models.hf_ta8_pool", takes=("data_root", "data_source", "cache_dir", "verify_cache")),
+    "vit-b-32-ta8": PoolSpec("adamerging_nb.models.ta8_pool", takes=POOL_ARGUMENTS, needs=("checkpoint_root",)),
+    "vit-b-32-ta8-hf": PoolSpec("adamerging_nb.models.hf_ta8_pool", takes=POOL_ARGUMENTS),
     "mini": PoolSpec("adamerging_nb.mini.mini_pool", takes=("cache_dir",), recipe=dict(steps=50, batches_per_task=1, lr=3e-3),
                      source="miniature benchmark, this project"),
     "tiny": PoolSpec("adamerging_nb.testing.tiny_pool", source="tiny test pool (random weights), this project"),
@@ -414,21 +464,22 @@ def ta8_pool(
     clip: nn.Module | Callable[[], nn.Module] | None = None,  # text tower for heads without a file; default `create_clip(model)`
     head_files: bool = True,  # use `head_<Task>.pt` where present; False: build every head from the test sets' class names
     verify_cache: bool | None = None,  # hash every byte of cached test sets (`data.load_cache`)
+    check_size: bool = True,  # fail unless every test set has its full size (False: subsets, stand-ins)
 ) -> ModelPool:
     "The paper's pool: Task Arithmetic's pretrained and fine-tuned image encoders, heads and the test sets."
     files = ta_checkpoint_files(checkpoint_root, model, tasks)
-    pre = read_ta_encoder(files["zeroshot"])
+    with phase("checkpoints"): pre, full0 = read_ta_encoder(files["zeroshot"]), read_ta_state_dict(files["zeroshot"])
     pre_sd, ft = state_dict_of(pre), {}
-    text = {k: v for k, v in read_ta_state_dict(files["zeroshot"]).items() if not k.startswith("visual.")}
+    text = {k: v for k, v in full0.items() if not k.startswith("visual.")}
     for t, f in files["finetuned"].items():
-        full = read_ta_state_dict(f)
+        with phase("checkpoints"): full = read_ta_state_dict(f)
         sd = visual_state(full, f"checkpoint {f}")
         check_same_layout(pre_sd, sd, f"fine-tuned {t} encoder ({f})")
         if changed := [k for k, v in text.items() if k in full and not torch.equal(v, full[k])]:
             warnings.warn(f"{f}: text-side tensors {changed[:3]} differ from the pretrained ones; TIES counts them as zeros")
         ft[t] = copy.deepcopy(pre); ft[t].load_state_dict(sd)
-    sets = _test_sets(tasks, test_sets, source=data_source, root=data_root, cache_dir=cache_dir, verify=verify_cache)
-    heads = {t: read_ta_head(f) for t, f in files["heads"].items() if f is not None and head_files}
+    sets = _test_sets(tasks, test_sets, source=data_source, root=data_root, cache_dir=cache_dir, verify=verify_cache, check_size=check_size)
+    with phase("heads"): heads = {t: read_ta_head(f) for t, f in files["heads"].items() if f is not None and head_files}
     if missing := [t for t in tasks if t not in heads]:
         heads |= zeroshot_heads(missing, clip or (lambda: create_clip(model, "openai")), names={t: sets[t].class_names for t in missing},
                                 cache_dir=cache_dir, model_key=f"{model}-openai")
@@ -441,6 +492,7 @@ def ta8_pool(
 def hf_ta8_pool(
     pretrained: str | Path = HF_PRETRAINED,  # a Hugging Face CLIPModel: hub id or local folder
     finetuned: str | Mapping[str, str] = HF_FINETUNED,  # hub id or folder template with `{task}` (a value of `HF_TASK_SLUGS`), or task -> id
+    checkpoint_root: str | Path | None = None,  # instead of the two above: a folder holding clip-vit-base-patch32/ and clip-vit-base-patch32_<slug>/
     tasks: Sequence[str] = TA8,
     data_source: str | None = "hf",  # `source` of `data.load_test_set`
     data_root: str | Path | None = None,  # `root` of `data.load_test_set`
@@ -448,15 +500,19 @@ def hf_ta8_pool(
     hf_cache_dir: str | Path | None = None,  # the Hugging Face cache for models
     test_sets: Mapping[str, TestSet] | None = None,  # task -> test set, instead of loading them
     verify_cache: bool | None = None,  # hash every byte of cached test sets (`data.load_cache`)
+    check_size: bool = True,  # fail unless every test set has its full size (False: subsets, stand-ins)
 ) -> ModelPool:
     "FusionBench's pool: Hugging Face CLIP ViT-B/32 and its fine-tuned image towers, converted to open_clip."
-    clip = hf_clip(pretrained, hf_cache_dir)
+    if checkpoint_root is not None:  # the folders as `huggingface-cli download` (or `standins`) lays them out side by side
+        root = Path(checkpoint_root).expanduser()
+        pretrained, finetuned = root / HF_PRETRAINED.split("/")[1], str(root / HF_FINETUNED.split("/")[1])
+    with phase("checkpoints"): clip = hf_clip(pretrained, hf_cache_dir)
     pre, ft = clip.visual, {}
     for t in tasks:
         src = finetuned[t] if isinstance(finetuned, Mapping) else str(finetuned).format(task=HF_TASK_SLUGS.get(t, t))
-        ft[t] = hf_image_encoder(src, projection=pre.proj, cache_dir=hf_cache_dir)
+        with phase("checkpoints"): ft[t] = hf_image_encoder(src, projection=pre.proj, cache_dir=hf_cache_dir)
         check_same_layout(pre.state_dict(), ft[t].state_dict(), f"fine-tuned {t} encoder ({src})")
-    sets = _test_sets(tasks, test_sets, source=data_source, root=data_root, cache_dir=cache_dir, verify=verify_cache)
+    sets = _test_sets(tasks, test_sets, source=data_source, root=data_root, cache_dir=cache_dir, verify=verify_cache, check_size=check_size)
     heads = zeroshot_heads(tasks, clip, names={t: sets[t].class_names for t in tasks}, cache_dir=cache_dir,
                            model_key="hf-" + re.sub(r"[^\w.-]+", "_", str(pretrained)).strip("_"))
     _check_heads(heads, sets)

@@ -6,10 +6,10 @@
 __all__ = ['REPRODUCE', 'FIGURES', 'Param', 'at_least', 'one_of', 'non_empty', 'check_parameters', 'resolve_device',
            'resolve_methods', 'pool_arguments', 'recipe_overrides', 'ReproducePlan', 'plan_reproduce', 'RunFolder',
            'claim_output', 'git_commit', 'run_config', 'save_run', 'read_run', 'run_table', 'seed_summary',
-           'figure_source', 'draw_run_figures', 'check_figures']
+           'figure_source', 'draw_run_figures', 'check_figures', 'Reproduction']
 
 # %% ../nbs/16_runs.ipynb #46878161
-import fcntl, json, math, os, platform, re, socket, subprocess, time
+import fcntl, json, math, os, platform, re, resource, socket, subprocess, time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,8 @@ import pandas as pd
 import torch
 from .files import ChecksumError, read_sealed_json, sealed_json, sha256_file, write_atomic
 from .data import SOURCES as DATA_SOURCES
-from .models import POOLS, POOL_ARGUMENTS, pool_spec
+from .phases import PhaseLog, phase, start as start_phases, stop as stop_phases
+from .models import POOLS, POOL_ARGUMENTS, ModelPool, load_pool, pool_spec
 from .adamerging import RECIPES, get_recipe, save_lambdas
 from .evaluate import results_table, table_markdown
 from .methods import ADAMERGING_METHODS, METHODS, OFFICIAL_METHODS, pool_model, run_methods
@@ -92,15 +93,17 @@ REPRODUCE: dict[str, Param] = {
     "seed": Param(int, 0, "first seed", at_least(0)),
     "device": Param(str, "auto", "auto, cpu or cuda", _device_rule),
     "bf16": Param(bool, False, "bfloat16 adaptation and evaluation (CUDA)"),
-    "checkpoint_root": Param(str, "", "vit-b-32-ta8: folder with ViT-B-32/zeroshot.pt, ViT-B-32/TASK/finetuned.pt, ViT-B-32/head_TASK.pt"),
+    "checkpoint_root": Param(str, "", "vit-b-32-ta8: folder with ViT-B-32/zeroshot.pt, ViT-B-32/TASK/finetuned.pt, ViT-B-32/head_TASK.pt; vit-b-32-ta8-hf: local model folders"),
     "data_root": Param(str, "", "Task Arithmetic data folders, or a datasets save_to_disk copy"),
     "data_source": Param(str, "", "hf, disk or folder; empty means the default of the pool", one_of(["", *DATA_SOURCES])),
     "cache_dir": Param(str, "", "preprocessed test sets, heads, the miniature build; empty means the default cache folder"),
+    "check_size": Param(bool, True, "fail unless every test set has its full size; False accepts subsets (stand-ins, quick runs)"),
     "verify_cache": Param(bool, False, "hash every byte of the cached test sets before use (vit-b-32 pools)", identity=False),
     "output_dir": Param(str, "runs/reproduce", "the folder of this run", non_empty, identity=False),
     "checkpoint_every": Param(int, 0, "write resumable AdaMerging checkpoints every this many steps (0 means only when a guard stops a run)",
                               at_least(0), identity=False),
     "resume": Param(bool, False, "continue interrupted AdaMerging rows from their checkpoints in output_dir", identity=False),
+    "chunks": Param(int, 1, "run each AdaMerging step's tasks in this many groups: less GPU memory, the same λ", at_least(1), identity=False),
     "overwrite": Param(bool, False, "start output_dir afresh when it holds a run with other parameters (the old one is moved aside)", identity=False),
 }
 
@@ -119,12 +122,12 @@ def resolve_methods(methods: str = "all") -> list[str]:
 # %% ../nbs/16_runs.ipynb #5533634d
 def pool_arguments(
     pool: str,  # a registered pool name
-    **given,  # run parameters of `models.POOL_ARGUMENTS`; empty strings and False mean "not given"
+    **given,  # run parameters of `models.POOL_ARGUMENTS`; their `REPRODUCE` defaults mean "not given"
 ) -> dict:  # keyword arguments for `models.load_pool(pool, ...)`
     "Keyword arguments of `load_pool` for a pool: the parameters it takes, checked against what it needs."
     spec = pool_spec(pool)
     if bad := [k for k in given if k not in POOL_ARGUMENTS]: raise ValueError(f"{bad} are not pool parameters; those are {list(POOL_ARGUMENTS)}")
-    given = {k: v for k, v in given.items() if v not in ("", None, False)}
+    given = {k: v for k, v in given.items() if v is not None and v != REPRODUCE[k].default}  # what differs from "not given"
     problems = [f"{k}={v!r}: pool {pool!r} does not use {k} (it takes {', '.join(spec.takes) or 'none of them'}); leave it empty"
                 for k, v in given.items() if k not in spec.takes]
     problems += [f"pool {pool!r} needs {k}" for k in spec.needs if k not in given]
@@ -172,7 +175,8 @@ def plan_reproduce(
     if p["bf16"] and p["device"] == "cpu": problems.append("bf16=True: bfloat16 needs device='cuda' (or 'auto' on a GPU machine)")
     if problems: raise ValueError("bad parameters:\n  " + "\n  ".join(problems))
     return ReproducePlan(p, {k: v for k, v in p.items() if REPRODUCE[k].identity}, dev, pool_kw, resolve_methods(p["methods"]),
-                         recipe_overrides(p["pool"], p["recipe"], p["steps"], p["batch_size"], p["lr"], p["log_every"], p["eval_every"]),
+                         recipe_overrides(p["pool"], p["recipe"], p["steps"], p["batch_size"], p["lr"], p["log_every"], p["eval_every"])
+                         | ({"chunks": p["chunks"]} if p["chunks"] != 1 else {}),
                          list(range(p["seed"], p["seed"] + p["seeds"])))
 
 # %% ../nbs/16_runs.ipynb #d0b4373f
@@ -368,3 +372,46 @@ def check_figures(
     "Check the parameters of `21_figures.ipynb`, and the run they point at, before drawing anything."
     p = check_parameters(values, FIGURES)
     return p, (read_run(p["run_dir"]) if p["run_dir"] else None)
+
+# %% ../nbs/16_runs.ipynb #871d481f
+class Reproduction:
+    "A run of the paper's table, step by step: the notebook's cells, or the command line in one go."
+    def __init__(self,
+                 values: Mapping,  # the parameters of `REPRODUCE`, name -> value
+                 log: Callable[[str], object] = print):  # where to say what happens
+        self.plan, self.log = plan_reproduce(values), log
+        self.params = self.plan.params
+        self.run = claim_output(self.params["output_dir"], self.plan.identity, self.params["overwrite"], log)
+        self.out, self.config = self.run.path, run_config(self.plan.identity, self.plan.device)
+        self.phases, self.t0 = start_phases(PhaseLog()), time.perf_counter()
+        self.pool, self.table, self.extras = None, None, None
+
+    def load_pool(self) -> ModelPool:
+        "Load the pool (models, heads, test sets)."
+        with phase("pool"): self.pool = load_pool(self.params["pool"], **self.plan.pool_kwargs)
+        return self.pool
+
+    def run_table(self) -> tuple[pd.DataFrame, dict]:
+        "Every row of the table, saved to the run folder."
+        p = self.params
+        self.table, self.extras = run_table(self.pool, self.plan.methods, seeds=self.plan.seeds, device=self.plan.device, bf16=p["bf16"],
+                                            recipe=p["recipe"], checkpoint_dir=str(self.out / "checkpoints"),
+                                            checkpoint_every=p["checkpoint_every"], resume=p["resume"], progress=True, **self.plan.overrides)
+        with phase("tables"):
+            save_run(self.out, self.table, self.extras, self.config, layer_names=[n for n, t in self.pool.pretrained.named_parameters() if t.is_floating_point()])
+        return self.table, self.extras
+
+    def draw_figures(self) -> list[Path]:
+        "The run's figures, in <output_dir>/figures."
+        with phase("figures"): return draw_run_figures(self.out, figure_source(self.params["pool"]))
+
+    def finish(self) -> dict:  # the run's config, as written
+        "Record phases and peak memory in the sealed config.json, and give the folder up."
+        stop_phases(self.phases)
+        cfg = read_run(self.out)
+        cfg |= {"phases": self.phases.as_rows(), "wall_s": round(time.perf_counter() - self.t0, 1),
+                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3)}
+        if self.plan.device.type == "cuda": cfg["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated(self.plan.device) / 2**30, 3)
+        write_atomic(self.out / "config.json", sealed_json(cfg, indent=2))
+        self.run.release()
+        return cfg

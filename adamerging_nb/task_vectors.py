@@ -114,5 +114,8 @@ def ties_task_vectors(
     ties_padding: int = 0,  # zero entries per task counted in the flattened length (see below)
 ) -> dict[str, Tensor]:  # name -> (K, *shape) TIES-processed task vectors
     "TIES trim, elect and select over the flattened model; one processed vector per task."
-    trimmed = ties_trim(flatten(tv), density, ties_padding)
-    return unflatten(ties_select(trimmed, ties_elect(trimmed)), tv)
+    flat = flatten(tv)  # (K, D): the one new buffer; each step below works in it, a task at a time
+    for k in range(len(flat)): flat[k] = ties_trim(flat[k:k + 1], density, ties_padding)[0]
+    sign = ties_elect(flat)
+    for k in range(len(flat)): flat[k] = ties_select(flat[k:k + 1], sign)[0]
+    return unflatten(flat, tv)

@@ -62,7 +62,7 @@ def test_ta_pool(tmp_path, fake_test_sets):
     text = tiny_text_clip()
     pool = load_pool("vit-b-32-ta8", checkpoint_root=tmp_path / "ckpt", tasks=TASKS, data_source="folder", data_root=tmp_path / "data",
                      cache_dir=tmp_path / "cache", clip=text)
-    assert fake_test_sets == [(t, dict(source="folder", root=tmp_path / "data", cache_dir=tmp_path / "cache")) for t in TASKS]
+    assert fake_test_sets == [(t, dict(source="folder", root=tmp_path / "data", cache_dir=tmp_path / "cache", check_size=True)) for t in TASKS]
     assert pool.name == "vit-b-32-ta8" and pool.task_names == TASKS
     assert same_state(pool.pretrained, pre.model.visual) and all(same_state(pool.finetuned[t], fts[t].model.visual) for t in TASKS)
     assert torch.equal(pool.heads["EuroSAT"], heads["EuroSAT"]) and torch.equal(pool.heads["MNIST"], heads["MNIST"])
