@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 # two cores: one thread per test process avoids oversubscription (nbdev_test runs two notebooks at once)
 test: export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup reproduce test test-full-size check-sync bench gpu-wheels gpu-check clean
+.PHONY: setup reproduce test test-full-size check-sync readme outputs docs-html bench gpu-wheels gpu-check clean
 
 $(BIN)/.installed: setup.py settings.ini
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,12 +66,33 @@ gpu-check:
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 	PYTHONPATH=/tmp/site:$(CURDIR) ADAMERGING_COMMIT=$$(cat .whl/COMMIT) python3 -m adamerging_nb.gpu_check $(GPU_OUT) --work $(GPU_WORK) $(GPU_ARGS)
 
-# CI: notebooks and package must agree, and notebooks must be clean.
+# CI: notebooks and package must agree, notebooks must be clean, README.md must be what nbs/index.ipynb gives,
+# and nbdev's processing for the docs site must succeed on every notebook (no Quarto needed).
 check-sync: setup
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
 	@git status --porcelain -- nbs adamerging_nb | tee /tmp/adamerging-sync.txt
 	@test ! -s /tmp/adamerging-sync.txt || { echo "nbdev_export/nbdev_clean changed the files above: run them and commit"; exit 1; }
+	$(BIN)/python tools/readme.py --check
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_proc_nbs --force
+
+# README.md from nbs/index.ipynb (nbdev's convention: the home page is the README).
+readme: setup
+	$(BIN)/python tools/readme.py
+
+# Run the notebooks in place so that they keep the outputs of their examples (figures, tables, printed
+# results), skipping what nbdev_test skips; then clean them and rewrite the README (about 15 min on 2 cores).
+outputs: setup
+	OMP_NUM_THREADS=1 $(BIN)/python tools/outputs.py
+	$(BIN)/nbdev_clean
+	$(BIN)/python tools/readme.py
+
+# A local preview of the docs site without Quarto: nbdev's processing, then nbconvert to _docs_html/.
+# MATHJAX=<url or path> serves MathJax from elsewhere than its CDN (e.g. offline).
+MATHJAX ?=
+docs-html: setup
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_proc_nbs --force
+	$(BIN)/python tools/docs_html.py $(if $(MATHJAX),--mathjax $(MATHJAX))
 
 clean:
-	rm -rf $(VENV) $(RUNS) build *.egg-info
+	rm -rf $(VENV) $(RUNS) build *.egg-info _proc _docs _docs_html

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors, load_file
 from .files import weights_fingerprint, write_atomic
-from .losses import entropy_loss, head_logits
+from .losses import entropy_loss, head_logits, head_to, Head
 from .merging import MergedModel, TaskWiseMergedModel
 from .data import InfiniteDataLoader, batches
 from .models import ModelPool
@@ -128,7 +128,7 @@ def first_non_finite(
 # %% ../nbs/09_adamerging.ipynb #50328399
 def adaptation_setup(
     model: MergedModel,
-    heads: Mapping[str, Tensor],  # task -> (C, D)
+    heads: Mapping[str, Head],  # task -> (C, D) tensor, nn.Module or callable (`losses.head_logits`)
     feeds: Mapping[str, Iterable],  # task -> endless batches
     recipe: str | Recipe,
     steps: int | None, batches_per_task: int | None, lr: float | None,  # recipe overrides
@@ -176,7 +176,7 @@ OBJECTIVES = ("entropy", "labels")
 # %% ../nbs/09_adamerging.ipynb #c0e28e3a
 def adamerge(
     model: MergedModel,  # the merged-model wrapper; its `merge_weight` is trained in place
-    heads: Mapping[str, Tensor],  # task -> (C, D) frozen head
+    heads: Mapping[str, Head],  # task -> frozen head: (C, D) tensor, nn.Module or callable (`losses.head_logits`)
     loaders: Mapping[str, Iterable],  # task -> endless iterator of batches (see `adamerging_loaders`)
     recipe: str | Recipe = "paper",
     steps: int | None = None,  # overrides the recipe
@@ -197,7 +197,7 @@ def adamerge(
     r, opt = adaptation_setup(model, heads, loaders, recipe, steps, batches_per_task, lr, log_every, eval_every, evaluate)
     device = torch.device(device) if device is not None else model.merge_weight.device
     model.to(device)
-    heads = {t: heads[t].to(device) for t in model.task_names}
+    heads = {t: head_to(heads[t], device) for t in model.task_names}
     its = {t: iter(loaders[t]) for t in model.task_names}
     prof, rows, losses = Profiler(sync=device.type == "cuda"), trajectory_rows(model, 0), []
     evals = evaluate(0, model) if eval_every else []

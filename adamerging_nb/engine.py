@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .files import ChecksumError, load_state, save_state
 from .merging import MergedModel
 from .data import normalize, OPENAI_MEAN, OPENAI_STD
-from .losses import entropy_loss, head_logits
+from .losses import entropy_loss, head_logits, head_to, Head
 from .adamerging import (Recipe, Profiler, AdaMergingResult, trajectory_rows, NonFiniteError, first_non_finite,
                                       adaptation_setup, adaptation_result)
 
@@ -84,7 +84,7 @@ class DeviceSampler:
 # %% ../nbs/10_engine.ipynb #f095ca51
 def engine_step(
     model: MergedModel,
-    heads: Sequence[Tensor],  # one (C, D) head per task, in model.task_names order
+    heads: Sequence[Head],  # one head per task, in model.task_names order
     xs: Sequence[Tensor],  # per task: (batches_per_task * B, 3, H, W) normalised images
     batch_size: int,  # entropy is averaged per batch of this size, then summed
     bf16: bool = False,
@@ -121,7 +121,7 @@ def engine_step(
 # %% ../nbs/10_engine.ipynb #2a292456
 class GraphedStep:
     "`engine_step` captured once in a CUDA graph and replayed (CUDA only)."
-    def __init__(self, model: MergedModel, heads: Sequence[Tensor], shapes: Sequence[tuple], batch_size: int,
+    def __init__(self, model: MergedModel, heads: Sequence[Head], shapes: Sequence[tuple], batch_size: int,
                  bf16: bool = False, chunks: int = 1, warmup: int = 3):
         dev = model.merge_weight.device
         if dev.type != "cuda": raise ValueError("CUDA graphs need the model on a CUDA device; use cuda_graph=False")
@@ -166,7 +166,7 @@ def _short(v) -> str: return (s if len(s := repr(v)) <= 80 else s[:77] + "...")
 # %% ../nbs/10_engine.ipynb #7351bc16
 def adamerge_fast(
     model: MergedModel,
-    heads: Mapping[str, Tensor],  # task -> (C, D)
+    heads: Mapping[str, Head],  # task -> (C, D) tensor, nn.Module or callable (`losses.head_logits`)
     samplers: Mapping[str, object],  # task -> iterator of (B, 3, H, W) normalised images (e.g. DeviceSampler)
     recipe: str | Recipe = "paper",
     steps: int | None = None, batches_per_task: int | None = None, lr: float | None = None,
@@ -191,7 +191,7 @@ def adamerge_fast(
     if checkpoint is not None and (plain := [t for t in model.task_names if not hasattr(samplers[t], "state_dict")]):
         raise ValueError(f"checkpoints need samplers with state_dict() (e.g. DeviceSampler); those of {plain} have none")
     dev = model.merge_weight.device
-    hs = [heads[t].to(dev) for t in model.task_names]
+    hs = [head_to(heads[t], dev) for t in model.task_names]
     sync = dev.type == "cuda" if profile_sync is None else profile_sync
     prof, rows, losses, evals, start = Profiler(sync=sync), trajectory_rows(model, 0), [], [], 1
     expect = {"task_names": list(model.task_names), "layer_names": list(model.layer_names), "recipe": asdict(r), **dict(identity or {})}

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from .data import TestSet, OPENAI_MEAN, OPENAI_STD, normalize
-from .losses import head_logits
+from .losses import head_logits, head_to, Head
 from .models import ModelPool
 from .files import write_atomic
 from .reference import paper_results
@@ -23,7 +23,7 @@ from .reference import paper_results
 # %% ../nbs/11_evaluate.ipynb #65875db9
 def accuracy(
     model: nn.Module,  # encoder: (N, 3, H, W) normalised images -> (N, D)
-    head: torch.Tensor,  # (C, D) frozen head of the task
+    head: Head,  # frozen head of the task: (C, D) tensor, nn.Module or callable
     test_set: TestSet,  # uint8 images (N, 3, H, W) and labels (N,)
     batch_size: int = 256,
     device: str | torch.device | None = None,  # where `model` is; default: the model's device
@@ -38,7 +38,7 @@ def accuracy(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if bf16 and device.type != "cuda":
         warnings.warn(f"bf16 autocast is for CUDA; evaluating in fp32 on {device}"); bf16 = False
-    head, correct = head.to(device), torch.zeros((), dtype=torch.long, device=device)
+    head, correct = head_to(head, device), torch.zeros((), dtype=torch.long, device=device)
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, n, batch_size):  # uint8 batches go to the device, and are normalised there
             x = normalize(test_set.images[i:i + batch_size].to(device, non_blocking=True), mean, std)

@@ -7,7 +7,7 @@ __all__ = ['GIB', 'visual_parameters', 'memory_plan', 'plan_peaks', 'activation_
            'main']
 
 # %% ../nbs/18_gpu_check.ipynb #38a437a0
-import gc, json, os, platform, shutil, time
+import gc, json, os, platform, shutil, subprocess, sys, time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 import pandas as pd
@@ -67,12 +67,8 @@ def plan_peaks(
     return out
 
 # %% ../nbs/18_gpu_check.ipynb #e2d70106
-def activation_gib(
-    model: str = "ViT-B-32",
-    images: int = 2,  # the larger batch (the smaller is half of it)
-    seed: int = 0,
-) -> float:  # GiB per image, float32, on the CPU
-    "Activation memory of one image through a model's image tower and back (measured on the CPU)."
+def _activation_peaks(model: str, images: int, seed: int) -> list[float]:
+    "Peak RSS (GiB) of one forward and backward pass for images // 2 and `images` images (run in a fresh process)."
     e, v, _ = model_config(model)
     with torch.random.fork_rng():
         torch.manual_seed(seed); tower = VisualTransformer(**v, output_dim=e)
@@ -84,7 +80,19 @@ def activation_gib(
             with phase("step"): tower(x).square().sum().backward()
         peaks.append(log.as_rows()[0]["peak_rss_gib"])
         tower.zero_grad(set_to_none=True)
-    return max(peaks[1] - peaks[0], 0.0) / (images - images // 2)
+    return peaks
+
+def activation_gib(
+    model: str = "ViT-B-32",
+    images: int = 2,  # the larger batch (the smaller is half of it)
+    seed: int = 0,
+) -> float:  # GiB per image, float32, on the CPU
+    "Activation memory of one image through a model's image tower and back (measured on the CPU, in a fresh process)."
+    code = f"import json; from adamerging_nb.gpu_check import _activation_peaks; print(json.dumps(_activation_peaks({model!r}, {images}, {seed})))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)  # a fresh process: memory freed
+    if done.returncode: raise RuntimeError(f"measuring activations failed: {done.stderr.strip()[-500:]}")  # earlier cannot hide the growth
+    small, large = json.loads(done.stdout.strip().splitlines()[-1])
+    return max(large - small, 0.0) / (images - images // 2)
 
 # %% ../nbs/18_gpu_check.ipynb #54f46439
 def cost_model(
@@ -158,7 +166,7 @@ def gpu_check(
     if device.startswith("cuda"): torch.cuda.empty_cache()
     if bench_steps:
         s = time.perf_counter()
-        res = benchmark.main(["--device", device, "--steps", str(bench_steps), "--images", "256", "--eval", "--out", str(out / "bench.json")])
+        res = benchmark.run_benchmark(device, steps=bench_steps, images=256, eval=True, out=str(out / "bench.json"), log=log)
         stage_done("adamerging-bench", s, results=res)
     report["complete"] = True
     stage_done("report", time.perf_counter())

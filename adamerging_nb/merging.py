@@ -12,7 +12,7 @@ from fastcore.basics import patch
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from .task_vectors import state_dict_of, task_vectors as make_task_vectors
+from .task_vectors import check_same_layout, state_dict_of, task_vectors as make_task_vectors
 
 # %% ../nbs/05_merging.ipynb #fe9f20dc
 def group_by_shape(
@@ -29,7 +29,8 @@ def _check_task_vectors(tv: Mapping[str, Tensor], base: Mapping[str, Tensor], la
     "Raise if `tv` does not hold one (K, *shape) tensor per floating-point parameter."
     missing, extra = [n for n in layer_names if n not in tv], [n for n in tv if n not in set(layer_names)]
     if missing or extra:
-        raise ValueError(f"task vectors do not match the model's floating-point parameters: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise ValueError(f"task vectors do not match the model's floating-point parameters: missing {missing[:5]}, unexpected {extra[:5]}. "
+                         "Task vectors cover parameters only; buffers (e.g. BatchNorm statistics) come from the pretrained model")
     ks = {v.shape[0] for v in tv.values()}
     if len(ks) != 1: raise ValueError(f"task vectors hold different numbers of tasks per tensor: {sorted(ks)}")
     bad = [n for n in layer_names if tv[n].shape[1:] != base[n].shape]
@@ -50,7 +51,7 @@ class MergedModel(nn.Module):
         if (finetuned is None) == (task_vectors is None): raise ValueError("give exactly one of `finetuned` or `task_vectors`")
         base = state_dict_of(pretrained)
         self.layer_names = [n for n, p in pretrained.named_parameters() if p.is_floating_point()]
-        tv = make_task_vectors(base, finetuned) if finetuned is not None else dict(task_vectors)
+        tv = self._parameter_task_vectors(base, finetuned) if finetuned is not None else dict(task_vectors)
         _check_task_vectors(tv, base, self.layer_names)
         self.n_tasks = next(iter(tv.values())).shape[0]
         self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(self.n_tasks)]
@@ -68,6 +69,11 @@ class MergedModel(nn.Module):
         self.skeleton.train(pretrained.training); self.train(pretrained.training)
         self.merge_weight = nn.Parameter(self._initial_lambdas(init_values))
     def _initial_lambdas(self, init_values): raise NotImplementedError("use a subclass: TaskWiseMergedModel or LayerWiseMergedModel")
+    def _parameter_task_vectors(self, base: Mapping[str, Tensor], finetuned: Sequence[nn.Module]) -> dict[str, Tensor]:
+        "Task vectors of the floating-point parameters; the fine-tuned models' buffers are checked for layout only."
+        sds = [state_dict_of(m) for m in finetuned]
+        for i, sd in enumerate(sds): check_same_layout(base, sd, f"fine-tuned model {i}")
+        return make_task_vectors({n: base[n] for n in self.layer_names}, [{n: sd[n] for n in self.layer_names} for sd in sds])
 
 # %% ../nbs/05_merging.ipynb #4727dddc
 @patch

@@ -406,13 +406,14 @@ class PoolSpec:
     needs: tuple[str, ...] = ()  # those it cannot do without
     recipe: dict = field(default_factory=dict)  # recipe settings of its AdaMerging runs (explicit parameters win)
     source: str = "full GPU run, this project"  # how figures of its runs name their source
+    benchmark: str = "CLIP ViT-B/32, eight tasks (TA8)"  # what its runs stand for, in figure titles
 
 POOLS: dict[str, PoolSpec] = {
     "vit-b-32-ta8": PoolSpec("adamerging_nb.models.ta8_pool", takes=POOL_ARGUMENTS, needs=("checkpoint_root",)),
     "vit-b-32-ta8-hf": PoolSpec("adamerging_nb.models.hf_ta8_pool", takes=POOL_ARGUMENTS),
     "mini": PoolSpec("adamerging_nb.mini.mini_pool", takes=("cache_dir",), recipe=dict(steps=50, batches_per_task=1, lr=3e-3),
-                     source="miniature benchmark, this project"),
-    "tiny": PoolSpec("adamerging_nb.testing.tiny_pool", source="tiny test pool (random weights), this project"),
+                     source="miniature benchmark, this project", benchmark="miniature benchmark (mini-ViT, eight generated tasks)"),
+    "tiny": PoolSpec("adamerging_nb.testing.tiny_pool", source="tiny test pool (random weights), this project", benchmark="tiny test pool"),
 }
 
 def register_pool(

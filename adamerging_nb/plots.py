@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['SOURCES', 'add_source', 'task_trajectory_table', 'plot_task_trajectories', 'lambda_matrix', 'plot_layer_heatmaps',
-           'accuracy_by_step', 'plot_accuracy_vs_step', 'plot_results_bars', 'save_figure', 'draw_official_figures']
+           'accuracy_by_step', 'plot_accuracy_vs_step', 'compare_task_trajectories', 'compare_layer_heatmaps',
+           'compare_accuracy_vs_step', 'plot_results_bars', 'save_figure', 'draw_official_figures']
 
 # %% ../nbs/14_plots.ipynb #77aa9906
 import io
@@ -17,6 +18,7 @@ import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from .files import write_atomic
+from .evaluate import format_truncated
 from matplotlib.patches import Rectangle
 import seaborn as sns
 from .reference import official_trajectories, official_lambdas, official_eval_log, official_layer_index
@@ -155,6 +157,28 @@ def _block_spans(labels: Sequence[str]) -> list[tuple[str, int, int]]:
     return spans
 
 # %% ../nbs/14_plots.ipynb #0f079cc3
+def _draw_heatmap(ax, mt: pd.DataFrame, named: bool, vmin: float, vmax: float, cmap: str):
+    "One task × layer heatmap on `ax`: tasks as rows; columns labelled by block when `named`, else by index."
+    sns.heatmap(mt, vmin=vmin, vmax=vmax, cmap=cmap, ax=ax, cbar=False, xticklabels=False, yticklabels=list(mt.index))
+    ax.set(ylabel="", xlabel="")
+    ax.tick_params(axis="y", labelsize=8, rotation=0)
+    if not named:
+        ticks = np.arange(0, mt.shape[1], max(1, int(np.ceil(mt.shape[1] / 20))))
+        ax.set_xticks(ticks + 0.5, [str(mt.columns[i]) for i in ticks], fontsize=8, rotation=0)
+        return
+    spans = _block_spans(_block_labels(list(mt.columns)))
+    ax.set_xticks([(a + b) / 2 for _, a, b in spans], [s for s, _, _ in spans], fontsize=7, rotation=0)
+    for _, a, _ in spans[1:]: ax.axvline(a, color="white", lw=0.8)
+    for _, a, b in (sp for sp in spans if sp[0] == "txt"):  # hatch the text-side layers: never trained
+        ax.add_patch(Rectangle((a, 0), b - a, mt.shape[0], fill=False, hatch="///", edgecolor="0.85", lw=0))
+
+def _layer_axis_label(mt: pd.DataFrame, named: bool) -> str:
+    "The x label of a heatmap, with the hatching explained when text-side layers are drawn."
+    label = "layer: one column per state-dict tensor, grouped by block" if named else "layer index"
+    if named and "txt" in _block_labels(list(mt.columns)):
+        label += "\ntxt (hatched): text-tower tensors, unused by image features, never change"
+    return label
+
 def plot_layer_heatmaps(
     coefficients: pd.DataFrame,  # long format: method, layer, task, lambda (+ step: the last one is used)
     methods: Sequence[str] = ("lw_adamerging", "lw_adamergingpp"),  # one heatmap each, top to bottom
@@ -171,22 +195,9 @@ def plot_layer_heatmaps(
     n_cols = max(mt.shape[1] for mt in mats)
     fig, axes = plt.subplots(len(mats), 1, figsize=(min(15, 6 + 0.06 * n_cols), 0.7 + 2.4 * len(mats)), squeeze=False, layout="constrained")
     for ax, mt, title in zip(axes[:, 0], mats, titles):
-        sns.heatmap(mt, vmin=0, vmax=1, cmap=cmap, ax=ax, cbar=False, xticklabels=False, yticklabels=list(mt.index))
-        ax.set(title=title, ylabel="", xlabel="")
-        ax.tick_params(axis="y", labelsize=8, rotation=0)
-        if layer_names is None:
-            ticks = np.arange(0, mt.shape[1], max(1, int(np.ceil(mt.shape[1] / 20))))
-            ax.set_xticks(ticks + 0.5, [str(mt.columns[i]) for i in ticks], fontsize=8, rotation=0)
-        else:
-            spans = _block_spans(_block_labels(list(mt.columns)))
-            ax.set_xticks([(a + b) / 2 for _, a, b in spans], [s for s, _, _ in spans], fontsize=7, rotation=0)
-            for _, a, _ in spans[1:]: ax.axvline(a, color="white", lw=0.8)
-            for _, a, b in (sp for sp in spans if sp[0] == "txt"):  # hatch the text-side layers: never trained
-                ax.add_patch(Rectangle((a, 0), b - a, mt.shape[0], fill=False, hatch="///", edgecolor="0.85", lw=0))
-    xlabel = "layer index" if layer_names is None else "layer: one column per state-dict tensor, grouped by block"
-    if layer_names is not None and "txt" in _block_labels(list(mats[0].columns)):
-        xlabel += "\ntxt (hatched): text-tower tensors, unused by image features, never change"
-    axes[-1, 0].set_xlabel(xlabel)
+        _draw_heatmap(ax, mt, layer_names is not None, 0, 1, cmap)
+        ax.set_title(title)
+    axes[-1, 0].set_xlabel(_layer_axis_label(mats[0], layer_names is not None))
     fig.colorbar(axes[0, 0].collections[0], ax=list(axes[:, 0]), label="λ", fraction=0.025, pad=0.01)
     return add_source(fig, source)
 
@@ -235,6 +246,95 @@ def plot_accuracy_vs_step(
     fig.legend(loc="outside right center", fontsize=8, frameon=False)
     return add_source(fig, source)
 
+# %% ../nbs/14_plots.ipynb #8b336c0e
+def _columns_of(sides: Mapping, what: str) -> list[str]:
+    "The column labels of a comparison figure (each names its source); at least one."
+    if not isinstance(sides, Mapping) or not sides: raise ValueError(f"{what}: give a mapping {{source label: data}} with at least one entry")
+    return list(sides)
+
+def compare_task_trajectories(
+    sides: Mapping[str, pd.DataFrame],  # column title naming the source -> trajectories (long: method, step, task, lambda)
+    methods: Sequence[str] = ("tw_adamerging", "tw_adamergingpp"),  # one row each
+    *,
+    source: str,  # every source, written on the figure
+    init: float | None = 0.3,  # λ at step 0 when the data starts later
+    title: str | None = None,
+) -> Figure:
+    "Task-wise λ against the step: one column per source, each panel on its own step axis, one row per method."
+    cols = _columns_of(sides, "compare_task_trajectories")
+    fig, axes = plt.subplots(len(methods), len(cols), figsize=(5.6 * len(cols), 0.8 + 2.9 * len(methods)),
+                             sharey=True, sharex="col", squeeze=False, layout="constrained")
+    for j, col in enumerate(cols):
+        tables = [task_trajectory_table(sides[col], m, init) for m in methods]
+        tasks = list(dict.fromkeys(t for tab in tables for t in tab.columns))
+        colors = dict(zip(tasks, sns.color_palette("tab10" if len(tasks) <= 10 else "husl", len(tasks))))
+        for i, (m, tab) in enumerate(zip(methods, tables)):
+            ax = axes[i, j]
+            for task in tab.columns: ax.plot(tab.index, tab[task], color=colors[task], lw=1.4, label=task)
+            ax.set_title(f"({chr(97 + i * len(cols) + j)}) {_NAMES.get(m, m)}\n{col}", fontsize=10)
+            ax.margins(x=0.02); ax.grid(alpha=0.3)
+        axes[-1, j].set_xlabel("step")
+        axes[0, j].legend(fontsize=7, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for ax in axes[:, 0]: ax.set_ylabel("λ (task-wise)")
+    if title: fig.suptitle(title)
+    return add_source(fig, source)
+
+# %% ../nbs/14_plots.ipynb #05e0d59c
+def compare_layer_heatmaps(
+    sides: Mapping[str, tuple[pd.DataFrame, Sequence[str] | None]],  # column title naming the source -> (coefficients, layer names or None)
+    methods: Sequence[str] = ("lw_adamerging", "lw_adamergingpp"),  # one row each
+    *,
+    source: str,  # every source, written on the figure
+    scale: str = "panel",  # 'panel': each panel its own colour range and bar; 'shared': 0-1 for all, one bar
+    image_only: bool = False,  # leave out text-side layers
+    cmap: str = "viridis",
+    title: str | None = None,
+) -> Figure:
+    "Final layer-wise λ, tasks × layers: one column per source, one row per method."
+    if scale not in ("panel", "shared"): raise ValueError(f"scale must be 'panel' or 'shared', not {scale!r}")
+    cols = _columns_of(sides, "compare_layer_heatmaps")
+    mats = {(c, m): lambda_matrix(sides[c][0], m, sides[c][1], image_only) for c in cols for m in methods}
+    widths = [max(60, max(mats[c, m].shape[1] for m in methods)) for c in cols]  # a short model's panel stays legible
+    fig, axes = plt.subplots(len(methods), len(cols), figsize=(min(18, 3 + 0.055 * sum(widths) + 1.2 * len(cols)), 0.9 + 2.5 * len(methods)),
+                             squeeze=False, layout="constrained", gridspec_kw={"width_ratios": widths})
+    for j, c in enumerate(cols):
+        named = sides[c][1] is not None
+        for i, m in enumerate(methods):
+            mt, ax = mats[c, m], axes[i, j]
+            lo, hi = (0.0, 1.0) if scale == "shared" else (np.floor(mt.values.min() * 20) / 20, np.ceil(mt.values.max() * 20) / 20)
+            _draw_heatmap(ax, mt, named, lo, hi if hi > lo else lo + 0.05, cmap)
+            ax.set_title(f"{_NAMES.get(m, m)}\n{c}", fontsize=10)
+            if scale == "panel": fig.colorbar(ax.collections[0], ax=ax, label="λ (this panel's range)", fraction=0.05, pad=0.01)
+        axes[-1, j].set_xlabel(_layer_axis_label(mats[c, methods[-1]], named), fontsize=8)
+    if scale == "shared": fig.colorbar(axes[0, 0].collections[0], ax=list(axes.flat), label="λ (0-1 for every panel)", fraction=0.02, pad=0.01)
+    if title: fig.suptitle(title)
+    return add_source(fig, source)
+
+# %% ../nbs/14_plots.ipynb #c0324d95
+def compare_accuracy_vs_step(
+    sides: Mapping[str, pd.DataFrame],  # column title naming the source -> eval log (long: method, step, task, accuracy)
+    methods: Sequence[str] | None = None,  # which methods (None: every one present)
+    *,
+    source: str,
+    title: str | None = None,
+) -> Figure:
+    "Average accuracy over tasks against the step: one panel per source, each on its own step axis, the same colour per method."
+    cols = _columns_of(sides, "compare_accuracy_vs_step")
+    tabs = {c: accuracy_by_step(sides[c]) for c in cols}
+    present = list(dict.fromkeys(m for t in tabs.values() for m in t["method"]))
+    methods = present if methods is None else list(methods)
+    colors = dict(zip(methods, sns.color_palette("tab10", len(methods))))
+    fig, axes = plt.subplots(1, len(cols), figsize=(4.8 * len(cols) + 1.8, 3.9), squeeze=False, layout="constrained")
+    for ax, c in zip(axes[0], cols):
+        for m, g in tabs[c][tabs[c]["method"].isin(methods)].groupby("method", sort=False):
+            ax.plot(g["step"], g["accuracy"], color=colors[m], lw=1.6, label=_NAMES.get(m, m))
+        ax.set(title=c, xlabel="step"); ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("average accuracy (%)")
+    handles = [plt.Line2D([], [], color=colors[m], lw=1.6) for m in methods]
+    fig.legend(handles, [_NAMES.get(m, m) for m in methods], loc="outside right center", fontsize=8, frameon=False)
+    if title: fig.suptitle(title)
+    return add_source(fig, source)
+
 # %% ../nbs/14_plots.ipynb #100d09b5
 def _results_long(results: pd.DataFrame) -> pd.DataFrame:
     "Long `method, task, accuracy` (+ `paper`) from a long table or the wide table of `evaluate.results_table`."
@@ -253,11 +353,12 @@ def plot_results_bars(
     source: str,  # where the data came from (a key of `SOURCES` or a description), written on the figure
     per_task: bool = False,  # one panel per task after the average
     labels: tuple[str, str] = ("ours", "paper"),  # legend labels of `accuracy` and `paper`
+    title: str | None = None,  # a title over the panels, e.g. the benchmark's name
 ) -> Figure:
     "Grouped bars of accuracy (%) per method: the average, optionally every task; ours beside the paper."
     results = _results_long(results)
     _need(results, ["method", "task", "accuracy"], "results")
-    cols = ["accuracy"] + (["paper"] if "paper" in results.columns else [])
+    cols = ["accuracy"] + (["paper"] if "paper" in results.columns and results["paper"].notna().any() else [])
     r = results.assign(**{c: results[c] * (100 if results[c].max() <= 1 else 1) for c in cols})
     methods = list(pd.unique(r["method"])) if methods is None else list(methods)
     for m in methods: _rows_of(r, m, "results")
@@ -274,12 +375,14 @@ def plot_results_bars(
     for ax, (name, tab) in zip(axes.flat, panels):
         for j, (c, lab) in enumerate(zip(cols, labels)):
             bars = ax.bar(x + (j - (len(cols) - 1) / 2) * w, tab[c].to_numpy(), w, label=lab, color=f"C{j}", hatch="//" if c == "paper" else None, edgecolor="white")
-            ax.bar_label(bars, [f"{v:.1f}" if np.isfinite(v) else "" for v in tab[c]], fontsize=6 if len(methods) * len(cols) <= 16 else 5, padding=1)
+            ax.bar_label(bars, [format_truncated(v, 1, 1) if np.isfinite(v) else "" for v in tab[c]], fontsize=8, padding=1,
+                         rotation=90 if len(methods) * len(cols) > 12 else 0)
         ax.set_xticks(x, [_NAMES.get(m, m) for m in methods], rotation=35, ha="right", fontsize=7)
-        ax.set(title=name, ylabel="accuracy (%)", ylim=(0, 108))
+        ax.set(title=name, ylabel="accuracy (%)", ylim=(0, 115))
         ax.grid(axis="y", alpha=0.3)
     for ax in axes.flat[len(panels):]: ax.set_axis_off()
     if len(cols) > 1: fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="outside upper center", ncol=len(cols), fontsize=8, frameon=False)
+    if title: fig.suptitle(title)
     return add_source(fig, source)
 
 # %% ../nbs/14_plots.ipynb #005ccc1d

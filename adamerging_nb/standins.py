@@ -354,8 +354,9 @@ def main(
     hf: bool = False,  # also write the Hugging Face folders (ViT-B-32's `vit-b-32-ta8-hf` pool)
     caches: str = "",  # also write preprocessed test sets here (the run's cache_dir)
     cache_images: int = 0,  # images per task in those caches; 0: the real test sizes
-    seed: int = 0,
+    seed: int = 0,  # of the random weights and images (at least 0)
 ):
     "Write random-weight stand-ins of the paper's checkpoints and test sets in the real formats."
+    if min(images, cache_images, seed) < 0: raise SystemExit("standins: --images, --cache_images and --seed must be at least 0")
     try: write_standins(root, model, images, hf, caches or None, cache_images or None, seed)
     except ValueError as e: raise SystemExit(f"standins: {e}") from None

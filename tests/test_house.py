@@ -78,3 +78,15 @@ def test_lambda_has_one_public_name():
                      r"extra_zeros|ties_extra_zeros)\b|\bscaling=|\.weights\b")
     hits = [f"{p.name}:{i + 1}: {l.strip()[:100]}" for p in PKG.glob("*.py") for i, l in enumerate(p.read_text().splitlines()) if old.search(l)]
     assert not hits, "\n".join(hits)
+
+
+def test_readme_is_what_the_home_page_notebook_gives():
+    "README.md is generated from nbs/index.ipynb (`make readme`), never edited by hand."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("readme_tool", ROOT / "tools" / "readme.py")
+    tool = importlib.util.module_from_spec(spec); spec.loader.exec_module(tool)
+    assert (ROOT / "README.md").read_text() == tool.readme(), "run `make readme` and commit README.md"
+    text = (ROOT / "README.md").read_text()
+    assert text.index("make reproduce") < text.index("## The result") < text.index("## Quick start")
+    for fig in ("mini_vs_official_task_trajectories.png", "mini_vs_official_layer_heatmaps.png"):
+        assert f"](figures/{fig})" in text and (ROOT / "figures" / fig).stat().st_size > 10_000
