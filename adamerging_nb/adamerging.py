@@ -12,7 +12,7 @@ import hashlib, json, math, os, time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace, fields
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
@@ -134,10 +134,11 @@ def adaptation_setup(
     steps: int | None, batches_per_task: int | None, lr: float | None,  # recipe overrides
     log_every: int,
     eval_every: int, evaluate: Callable | None,
+    tasks: Sequence[str] | None = None,  # the tasks this process feeds (default: all of the model's)
 ) -> tuple[Recipe, torch.optim.Adam]:
     "Check a run's inputs; its recipe and its optimiser on `merge_weight`."
     r = get_recipe(recipe, steps=steps, batches_per_task=batches_per_task, lr=lr)
-    if missing := [t for t in model.task_names if t not in heads or t not in feeds]:
+    if missing := [t for t in (model.task_names if tasks is None else tasks) if t not in heads or t not in feeds]:
         raise ValueError(f"no head or batch stream for tasks {missing}; the model's tasks are {model.task_names}")
     if type(log_every) is not int or log_every < 1: raise ValueError(f"log_every={log_every!r}: give an integer >= 1")
     if type(eval_every) is not int or eval_every < 0: raise ValueError(f"eval_every={eval_every!r}: give an integer >= 0")

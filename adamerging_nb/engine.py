@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.func import functional_call
 from tqdm.auto import tqdm
 from .files import ChecksumError, load_state, save_state
+from .distributed import SINGLE, Group
 from .merging import MergedModel
 from .data import normalize, OPENAI_MEAN, OPENAI_STD
 from .losses import entropy_loss, head_logits, head_to, Head
@@ -164,6 +165,11 @@ def load_checkpoint(
 def _short(v) -> str: return (s if len(s := repr(v)) <= 80 else s[:77] + "...")
 
 # %% ../nbs/10_engine.ipynb #7351bc16
+def _gathered_samplers(group: Group, mine: dict) -> dict:
+    "The sampler states of every process's tasks (on the host), for a checkpoint that any number of processes can resume."
+    host = {t: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()} for t, s in mine.items()}
+    return {t: s for part in group.gather(host) for t, s in part.items()}
+
 def adamerge_fast(
     model: MergedModel,
     heads: Mapping[str, Head],  # task -> (C, D) tensor, nn.Module or callable (`losses.head_logits`)
@@ -183,27 +189,30 @@ def adamerge_fast(
     identity: Mapping | None = None,  # more entries a checkpoint must match (merge_pool: the pool's name and weights fingerprint)
     evaluate=None,  # evaluate(step, model) -> rows (step, task, accuracy), every `eval_every` steps; kept in checkpoints
     eval_every: int = 0,  # a multiple of log_every; 0: no evaluation during the run
+    group: Group = SINGLE,  # processes sharing the tasks (`distributed.start`): each adapts on its share, λ's gradient is summed
 ) -> AdaMergingResult:
     "AdaMerging with the fast engine; same result as `adamerge` up to round-off."
-    r, opt = adaptation_setup(model, heads, samplers, recipe, steps, batches_per_task, lr, log_every, eval_every, evaluate)
+    mine = group.tasks_of(model.task_names)  # this process's tasks: all of them in a single process
+    r, opt = adaptation_setup(model, heads, samplers, recipe, steps, batches_per_task, lr, log_every, eval_every, evaluate, tasks=mine)
     if checkpoint_every and checkpoint_every % log_every: raise ValueError(f"checkpoint_every ({checkpoint_every}) must be a multiple of log_every ({log_every})")
     if resume and checkpoint is None: raise ValueError("resume=True needs a checkpoint path")
-    if checkpoint is not None and (plain := [t for t in model.task_names if not hasattr(samplers[t], "state_dict")]):
+    if checkpoint is not None and (plain := [t for t in mine if not hasattr(samplers[t], "state_dict")]):
         raise ValueError(f"checkpoints need samplers with state_dict() (e.g. DeviceSampler); those of {plain} have none")
     dev = model.merge_weight.device
-    hs = [head_to(heads[t], dev) for t in model.task_names]
+    hs = [head_to(heads[t], dev) for t in mine]
+    at = torch.tensor([model.task_names.index(t) for t in mine], device=dev)  # where this process's task losses go
     sync = dev.type == "cuda" if profile_sync is None else profile_sync
     prof, rows, losses, evals, start = Profiler(sync=sync), trajectory_rows(model, 0), [], [], 1
     expect = {"task_names": list(model.task_names), "layer_names": list(model.layer_names), "recipe": asdict(r), **dict(identity or {})}
     def state(step):  # everything the rest of the run depends on
         return {**expect, "step": step, "merge_weight": model.merge_weight.detach().cpu().clone(), "optimizer": copy.deepcopy(opt.state_dict()),
-                "samplers": {t: samplers[t].state_dict() for t in model.task_names}, "rows": list(rows), "evals": list(evals),
-                "losses": torch.stack(losses).cpu() if losses else torch.zeros(0, len(hs))}
+                "samplers": _gathered_samplers(group, {t: samplers[t].state_dict() for t in mine}), "rows": list(rows), "evals": list(evals),
+                "losses": torch.stack(losses).cpu() if losses else torch.zeros(0, len(model.task_names))}
     if resume and checkpoint is not None and Path(checkpoint).exists():
         st = load_checkpoint(checkpoint, expect)
         with torch.no_grad(): model.merge_weight.copy_(st["merge_weight"])
         opt.load_state_dict(st["optimizer"])
-        for t in model.task_names: samplers[t].load_state_dict(st["samplers"][t])
+        for t in mine: samplers[t].load_state_dict(st["samplers"][t])
         rows, evals, losses, start = list(st["rows"]), list(st["evals"]), list(st["losses"].to(dev)), st["step"] + 1
     good_step, good = start - 1, state(start - 1) if checkpoint is not None else None
     graphed = dev.type == "cuda" if cuda_graph is None else cuda_graph
@@ -212,14 +221,18 @@ def adamerge_fast(
     if start == 1:
         if eval_every: evals += evaluate(0, model)
         if callback: callback(0, model)
-    bar = tqdm(range(start, r.steps + 1), desc="AdaMerging (engine)", disable=not progress)
+    bar = tqdm(range(start, r.steps + 1), desc="AdaMerging (engine)", disable=not progress or not group.writer)
     for step in bar:
-        with prof("data"): xs = [torch.cat([next(samplers[t]) for _ in range(r.batches_per_task)]).to(dev) for t in model.task_names]
+        with prof("data"): xs = [torch.cat([next(samplers[t]) for _ in range(r.batches_per_task)]).to(dev) for t in mine]
         if graphed:
             if step_fn is None:
                 with prof("capture"): step_fn = GraphedStep(model, hs, [x.shape for x in xs], r.batch_size, bf16, chunks)
             with prof("step (graph)"): loss = step_fn(xs).clone()
         else: loss = engine_step(model, hs, xs, r.batch_size, bf16=bf16, chunks=chunks, prof=prof)
+        if group.world > 1:
+            with prof("all-reduce"):  # this process's share of ∂L/∂λ and of the task losses, summed over processes
+                loss = group.sum_(torch.zeros(len(model.task_names), dtype=loss.dtype, device=dev).index_copy_(0, at, loss))
+                group.sum_(model.merge_weight.grad)
         with prof("optimizer"): opt.step()
         losses.append(loss)  # (K,) on the device: no host sync per step
         if progress and step % 10 == 0: bar.set_postfix(loss=f"{float(loss.sum()):.4f}")
@@ -227,7 +240,7 @@ def adamerge_fast(
             first = good_step + 1
             if (bad := first_non_finite(torch.stack(losses[first - 1:]), first, model.task_names)) is not None or not torch.isfinite(model.merge_weight).all():
                 where = f"loss at step {bad[0]} on task {bad[1]!r}" if bad else f"merging weight between steps {first} and {step}"
-                if checkpoint is not None: save_checkpoint(checkpoint, good)
+                if checkpoint is not None and group.writer: save_checkpoint(checkpoint, good)
                 saved = f"the last good state (step {good_step}) is saved in {checkpoint}" if checkpoint is not None else "no checkpoint path was given"
                 raise NonFiniteError(f"non-finite {where}; {saved}. Lower the learning rate or check that task's images and head.")
             if step % log_every == 0:
@@ -237,7 +250,7 @@ def adamerge_fast(
             good_step = step
             if checkpoint is not None:
                 good = state(step)
-                if checkpoint_every and (step % checkpoint_every == 0 or step == r.steps): save_checkpoint(checkpoint, good)
+                if checkpoint_every and (step % checkpoint_every == 0 or step == r.steps) and group.writer: save_checkpoint(checkpoint, good)
     return adaptation_result(model, rows, prof, torch.stack(losses).sum(1).tolist() if losses else [], evals if eval_every else None)
 
 # %% ../nbs/10_engine.ipynb #ad13bce7

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from .task_vectors import task_vectors, ties_task_vectors
 from .merging import MergedModel, TaskWiseMergedModel, LayerWiseMergedModel
 from .phases import phase
+from .distributed import SINGLE, Group
 from .data import TestSet
 from .models import ModelPool
 from .reference import paper_results
@@ -52,14 +53,15 @@ def pool_storage(
 def device_test_sets(
     pool: ModelPool,
     device: str | torch.device = "cpu",
+    tasks: Sequence[str] | None = None,  # only these (a process's share of a distributed run); default: all
 ) -> dict[str, TestSet]:  # task -> test set with images and labels on `device`
     "The pool's test sets on `device`, moved there once per pool and device (on the CPU, the pool's own)."
-    device = torch.device(device)
-    if device.type == "cpu": return dict(pool.test_sets)
-    key = ("test sets", str(device))
+    device, tasks = torch.device(device), list(pool.task_names if tasks is None else tasks)
+    if device.type == "cpu": return {t: pool.test_sets[t] for t in tasks}
+    key = ("test sets", str(device), tuple(tasks))
     if key not in pool.cache:
         with phase("test sets to device"):
-            pool.cache[key] = {t: TestSet(s.name, s.images.to(device), s.labels.to(device), s.class_names) for t, s in pool.test_sets.items()}
+            pool.cache[key] = {t: TestSet(s.name, s.images.to(device), s.labels.to(device), s.class_names) for t, s in ((t, pool.test_sets[t]) for t in tasks)}
     return pool.cache[key]
 
 # %% ../nbs/13_methods.ipynb #28c0fc57
@@ -94,9 +96,11 @@ def merge_pool(
     resume: bool = False,  # continue from the checkpoint when it exists
     objective: str = "entropy",  # 'labels': fit λ to the test labels (a diagnostic bound; reference engine)
     chunks: int = 1,  # fast engine: run each step's tasks in this many groups (less activation memory, same λ)
+    group: Group = SINGLE,  # processes sharing the tasks (`distributed.start`; fast engine)
     **overrides,  # Recipe fields (steps, batches_per_task, batch_size, lr, ...), `log_every` and `eval_every`
 ) -> tuple[nn.Module, AdaMergingResult | None]:  # (plain merged encoder, result or None when `lambdas` given)
     "Merge a pool's models with AdaMerging (or given λ) and return the merged encoder."
+    if engine == "reference" and group.world > 1: raise ValueError("a distributed run adapts with the fast engine: pass engine='fast'")
     if engine not in ("fast", "reference"): raise ValueError(f"unknown engine {engine!r}; use 'fast' or 'reference'")
     if type(seed) is not int or seed < 0: raise ValueError(f"seed={seed!r}: give an integer >= 0")
     if engine == "reference" and (resume or checkpoint_every or chunks != 1): raise ValueError("checkpoints, resume and chunks need engine='fast'")
@@ -108,20 +112,24 @@ def merge_pool(
     r = get_recipe(recipe, **overrides)
     model = merged_wrapper(pool, method, r, tv_dtype=torch.bfloat16 if bf16 else None, device=device).to(device)
     if eval_every and eval_every % log_every: raise ValueError(f"eval_every ({eval_every}) must be a multiple of log_every ({log_every})")
-    sets = device_test_sets(pool, device)
-    def evaluate_now(step, m):  # accuracy of the current merge on every task
+    mine = group.tasks_of(pool.task_names)
+    sets = device_test_sets(pool, device, mine)
+    def evaluate_now(step, m):  # accuracy of the current merge on every task (each process its own tasks, gathered)
         with phase("evaluation"):
             enc = m.merge_and_unload().eval()
-            return [(step, t, accuracy(enc, pool.heads[t], sets[t], bf16=bf16, mean=pool.mean, std=pool.std)) for t in pool.task_names]
+            got = {t: accuracy(enc, pool.heads[t], sets[t], bf16=bf16, mean=pool.mean, std=pool.std) for t in mine}
+        everyone = {t: a for part in group.gather(got) for t, a in part.items()}
+        return [(step, t, everyone[t]) for t in pool.task_names]
     if lambdas is None:
         torch.manual_seed(seed)
         if engine == "fast":
             smp = {t: DeviceSampler(sets[t].images, r.batch_size, seed * 1000 + i, device, pool.mean, pool.std)
-                   for i, t in enumerate(pool.task_names)}
+                   for i, t in enumerate(pool.task_names) if t in mine}  # each task's sampler seeded as in a single process
             ck = Path(checkpoint_dir) / f"{method}-seed{seed}.safetensors" if checkpoint_dir is not None else None
             identity = {"pool": pool.name, "weights": pool.fingerprint(), "method": method, "seed": seed} if ck is not None else None
             with phase("adaptation"): res = adamerge_fast(model, pool.heads, smp, r, log_every=log_every, bf16=bf16, progress=progress, evaluate=evaluate_now,
-                                eval_every=eval_every, checkpoint=ck, checkpoint_every=checkpoint_every, resume=resume, identity=identity, chunks=chunks)
+                                eval_every=eval_every, checkpoint=ck, checkpoint_every=checkpoint_every, resume=resume, identity=identity, chunks=chunks,
+                                group=group)
         else:
             with phase("adaptation"):
                 res = adamerge(model, pool.heads, adamerging_loaders(pool, r.batch_size, seed), r, log_every=log_every, device=device,
@@ -197,6 +205,7 @@ def run_methods(
     ties_padding: int | None = None,  # for the TIES row; default: the pool's `ties_padding` (Task Arithmetic checkpoints), as AdaMerging++ uses
     official_model: str | None = None,  # released λ for `official_*`; default: the pool's model
     progress: bool = True,
+    group: Group = SINGLE,  # processes sharing the tasks (`distributed.start`): adaptation and evaluation split by task
     **kwargs,  # `merge_method` settings (`released`) and recipe overrides (steps, batch_size, lr, log_every, ...)
 ) -> tuple[pd.DataFrame, dict]:  # (results table, extras)
     "Merge and evaluate every requested row of the paper's table on `pool`."
@@ -211,12 +220,17 @@ def run_methods(
         source = "paper" if "paper" in have or not have else have[0]
     kwargs |= dict(ties_padding=ties_padding, official_model=official_model or official or "ViT-B-32")
     rows, ex = [], {"results": {}, "trajectories": {}, "lambdas": {}, "seconds": {}}
-    sets = device_test_sets(pool, device)
-    for m in (bar := tqdm(methods, desc="rows of the table", disable=not progress or len(methods) < 2)):
+    mine = group.tasks_of(pool.task_names)
+    sets = device_test_sets(pool, device, mine)
+    for m in (bar := tqdm(methods, desc="rows of the table", disable=not progress or len(methods) < 2 or not group.writer)):
         bar.set_postfix(row=m)
         t0 = time.perf_counter()
-        model, res = merge_method(pool, m, recipe, seed, device, progress=progress, **kwargs)
-        with phase("evaluation"): acc = evaluate(model, pool, batch_size=eval_batch_size, device=device, bf16=bf16, progress=progress, test_sets=sets)
+        model, res = merge_method(pool, m, recipe, seed, device, progress=progress and group.writer,
+                                  **(kwargs | ({"group": group} if m in ADAMERGING_METHODS else {})))
+        with phase("evaluation"):
+            got = evaluate(model, pool, mine, batch_size=eval_batch_size, device=device, bf16=bf16, progress=progress and group.writer, test_sets=sets)
+        everyone = {t: a for part in group.gather(got) for t, a in part.items()}
+        acc = {t: everyone[t] for t in pool.task_names}
         rows += [(m, t, a) for t, a in acc.items()]
         if isinstance(res, Tensor): ex["lambdas"][m] = res
         elif res is not None:

@@ -11,13 +11,14 @@ __all__ = ['REPRODUCE', 'AUTHORS', 'FIGURES', 'Param', 'at_least', 'one_of', 'no
 # %% ../nbs/16_runs.ipynb #46878161
 import fcntl, json, math, os, platform, re, resource, socket, subprocess, time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 import pandas as pd
 import torch
 from .files import ChecksumError, read_sealed_json, sealed_json, sha256_file, write_atomic
 from .data import SOURCES as DATA_SOURCES
 from .phases import PhaseLog, phase, start as start_phases, stop as stop_phases
+from .distributed import SINGLE, Group, device_of
 from .models import POOLS, POOL_ARGUMENTS, ModelPool, load_pool, pool_spec
 from .adamerging import RECIPES, get_recipe, save_lambdas
 from .evaluate import format_truncated, results_table, table_markdown
@@ -427,17 +428,23 @@ class Reproduction:
     "A run of the paper's table, step by step: the notebook's cells, or the command line in one go."
     def __init__(self,
                  values: Mapping,  # the parameters of `REPRODUCE`, name -> value
-                 log: Callable[[str], object] = print):  # where to say what happens
-        self.plan, self.log = plan_reproduce(values), log
+                 log: Callable[[str], object] = print,  # where to say what happens
+                 group: Group = SINGLE):  # the processes of a distributed run (`distributed.start`); rank 0 writes
+        self.plan, self.log, self.group = plan_reproduce(values), log, group
         self.params = self.plan.params
-        self.run = claim_output(self.params["output_dir"], self.plan.identity, self.params["overwrite"], log)
-        self.out, self.config = self.run.path, run_config(self.plan.identity, self.plan.device)
+        group.check_same("the run's parameters", json.dumps(self.plan.identity, sort_keys=True, default=str))
+        if group.world > 1: self.plan = replace(self.plan, device=device_of(group, self.plan.device))
+        self.run = claim_output(self.params["output_dir"], self.plan.identity, self.params["overwrite"], log) if group.writer else None
+        group.gather(None)  # the others wait until rank 0 has claimed the folder
+        self.out = self.run.path if self.run else Path(self.params["output_dir"])
+        self.config = run_config(self.plan.identity, self.plan.device) | {"processes": group.world}
         self.phases, self.t0 = start_phases(PhaseLog()), time.perf_counter()
         self.pool, self.table, self.extras = None, None, None
 
     def load_pool(self) -> ModelPool:
         "Load the pool (models, heads, test sets)."
         with phase("pool"): self.pool = load_pool(self.params["pool"], **self.plan.pool_kwargs)
+        self.group.check_same("the pool's weights (fingerprint)", self.pool.fingerprint())
         return self.pool
 
     def run_table(self) -> tuple[pd.DataFrame, dict]:
@@ -445,18 +452,22 @@ class Reproduction:
         p = self.params
         self.table, self.extras = run_table(self.pool, self.plan.methods, seeds=self.plan.seeds, device=self.plan.device, bf16=p["bf16"],
                                             recipe=p["recipe"], checkpoint_dir=str(self.out / "checkpoints"),
-                                            checkpoint_every=p["checkpoint_every"], resume=p["resume"], progress=True, **self.plan.overrides)
-        with phase("tables"):
-            save_run(self.out, self.table, self.extras, self.config, layer_names=[n for n, t in self.pool.pretrained.named_parameters() if t.is_floating_point()])
+                                            checkpoint_every=p["checkpoint_every"], resume=p["resume"], progress=True, group=self.group,
+                                            **self.plan.overrides)
+        if self.group.writer:
+            with phase("tables"):
+                save_run(self.out, self.table, self.extras, self.config, layer_names=[n for n, t in self.pool.pretrained.named_parameters() if t.is_floating_point()])
         return self.table, self.extras
 
     def draw_figures(self) -> list[Path]:
-        "The run's figures, in <output_dir>/figures."
+        "The run's figures, in <output_dir>/figures (rank 0 draws them)."
+        if not self.group.writer: return []
         with phase("figures"): return draw_run_figures(self.out, figure_source(self.params["pool"]))
 
     def finish(self) -> dict:  # the run's config, as written
-        "Record phases and peak memory in the sealed config.json, and give the folder up."
+        "Record phases and peak memory in the sealed config.json, and give the folder up (rank 0; the others return {})."
         stop_phases(self.phases)
+        if not self.group.writer: return {}
         cfg = read_run(self.out)
         cfg |= {"phases": self.phases.as_rows(), "wall_s": round(time.perf_counter() - self.t0, 1),
                 "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30, 3)}
