@@ -99,7 +99,7 @@ clean:
 
 # Plant bugs in the package one at a time (tools/mutants.py: exact-string replacements in a temporary copy of
 # adamerging_nb/) and run each one's targeted tests; prints caught and survived, fails under 90 % caught
-# (about 6 min on 2 cores: not part of `make test` or CI). MUTANTS_ARGS="--only <id> ..." runs some of them.
+# (about 7 min on 2 cores: not part of `make test` or CI). MUTANTS_ARGS="--only <id> ..." runs some of them.
 MUTANTS_ARGS ?=
 mutants: export OMP_NUM_THREADS ?= 1
 mutants: setup

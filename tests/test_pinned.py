@@ -14,7 +14,7 @@ from adamerging_nb.engine import DeviceSampler, adamerge_fast, engine_step, lamb
 from adamerging_nb.losses import entropy_loss, head_logits
 from adamerging_nb.merging import LayerWiseMergedModel, TaskWiseMergedModel
 from adamerging_nb.methods import merged_wrapper, pool_storage
-from adamerging_nb.task_vectors import task_vectors, ties_task_vectors, ties_trim
+from adamerging_nb.task_vectors import task_vectors, ties_elect, ties_task_vectors, ties_trim
 from adamerging_nb.testing import tiny_pool, tiny_setup
 
 # ---- the two published recipes (sources: the markdown cell beside `Recipe` in nbs/09_adamerging.ipynb)
@@ -211,3 +211,20 @@ def test_baselines_at_the_paper_settings():
     ties = ties_task_vectors({k: v.clone() for k, v in tv.items()}, ties_padding=5000)
     tm = ties_merging(s.pretrained, s.finetuned, ties_padding=5000)
     for k in ties: torch.testing.assert_close(tm[k], base[k] + 0.3 * ties[k].sum(0))
+
+def test_ties_elect_breaks_ties_with_the_majority_sign():
+    trimmed = torch.tensor([[1., -1., 2., 0.], [-1., 1., 1., 0.]])  # sums 0, 0, 3, 0: the majority of the elected signs is +
+    torch.testing.assert_close(ties_elect(trimmed), torch.tensor([1., 1., 1., 1.]))
+    torch.testing.assert_close(ties_elect(-trimmed), torch.tensor([-1., -1., -1., -1.]))
+
+@pytest.mark.parametrize("cls", [TaskWiseMergedModel, LayerWiseMergedModel])
+def test_engine_entropy_per_batch_and_gradient_through_the_clamp(cls):
+    "Two batches per task, λ partly outside [0, 1]: the engine against autograd through the wrapper's forward."
+    s = tiny_setup(n_tasks=3, n_images=8)
+    m = cls(s.pretrained, s.finetuned, task_names=s.task_names)
+    with torch.no_grad(): m.merge_weight.uniform_(-0.5, 1.5, generator=torch.Generator().manual_seed(1))
+    x = {t: s.images[t] for t in s.task_names}
+    per_task = engine_step(m, [s.heads[t] for t in s.task_names], [x[t] for t in s.task_names], 4)
+    want = [sum(entropy_loss(head_logits(m(b), s.heads[t])) for b in x[t].split(4)) for t in s.task_names]
+    torch.testing.assert_close(per_task, torch.stack(want).detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.merge_weight.grad, torch.autograd.grad(sum(want), m.merge_weight)[0], rtol=1e-4, atol=1e-7)

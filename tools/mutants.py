@@ -34,6 +34,8 @@ MUTANTS = [
      t("test_ties_trim_with_padding_keeps_the_top_of_the_padded_length", "test_adamergingpp_uses_the_pool_ties_padding"), False),
     ("ties-threshold-strict", "task_vectors", "flat * (flat.abs() >= thresh)", "flat * (flat.abs() > thresh)",
      t("test_ties_trim_with_padding_keeps_the_top_of_the_padded_length"), False),
+    ("ties-elect-minority", "task_vectors", "return torch.where(sign == 0, majority, sign)", "return torch.where(sign == 0, -majority, sign)",
+     t("test_ties_elect_breaks_ties_with_the_majority_sign"), False),
     ("ties-select-keeps-zeros", "task_vectors", "torch.where(sign > 0, trimmed > 0, trimmed < 0)", "torch.where(sign > 0, trimmed >= 0, trimmed < 0)",
      t("test_baselines_at_the_paper_settings"), True),  # a kept zero entry adds zero: equivalent
     # merging
@@ -76,6 +78,10 @@ MUTANTS = [
      t("test_lambda_grad_in_chunks_matches_layer_by_layer"), False),
     ("engine-task-losses-averaged", "engine", "loss, o, task_loss[t] = loss + lt,", "loss, o, task_loss[t] = loss + lt / K,",
      t("test_task_losses_are_summed_in_both_loops"), False),
+    ("engine-entropy-over-all-batches", "engine", "for f in feats[o:o + len(xs[t])].split(batch_size))", "for f in feats[o:o + len(xs[t])].split(len(xs[t])))",
+     t("test_engine_entropy_per_batch_and_gradient_through_the_clamp"), False),
+    ("engine-grad-skips-clamp", "engine", "        eff.backward(G)", "        model.merge_weight.grad = G.sum(1) if model.merge_weight.ndim == 1 else G",
+     t("test_engine_entropy_per_batch_and_gradient_through_the_clamp"), False),
     ("engine-log-every-5", "engine", "log_every: int = 10,  # trajectory, finiteness", "log_every: int = 5,  # trajectory, finiteness",
      t("test_default_logging_cadence_is_ten_steps"), False),
     # data: CLIP's normalisation
