@@ -35,7 +35,7 @@ setuptools.setup(
     url = cfg['git_url'],
     packages = setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data = True,
-    package_data = {cfg['lib_name']: ['reference/*.csv', 'reference/*.json', 'reference/*.md']},
+    package_data = {cfg['lib_name']: ['reference/*.csv', 'reference/*.json', 'reference/*.md', 'mini_encoder.safetensors', 'mini_encoder.json']},
     install_requires = requirements,
     extras_require = {'dev': dev_requirements, 'hf': ['transformers', 'datasets']},
     dependency_links = cfg.get('dep_links','').split(),

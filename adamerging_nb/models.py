@@ -411,7 +411,7 @@ class PoolSpec:
 POOLS: dict[str, PoolSpec] = {
     "vit-b-32-ta8": PoolSpec("adamerging_nb.models.ta8_pool", takes=POOL_ARGUMENTS, needs=("checkpoint_root",)),
     "vit-b-32-ta8-hf": PoolSpec("adamerging_nb.models.hf_ta8_pool", takes=POOL_ARGUMENTS),
-    "mini": PoolSpec("adamerging_nb.mini.mini_pool", takes=("cache_dir",), recipe=dict(steps=50, batches_per_task=1, lr=3e-3),
+    "mini": PoolSpec("adamerging_nb.mini.mini_pool", takes=("cache_dir",), recipe=dict(steps=100, batches_per_task=1, lr=1e-2),
                      source="miniature benchmark, this project", benchmark="miniature benchmark (mini-ViT, eight generated tasks)"),
     "tiny": PoolSpec("adamerging_nb.testing.tiny_pool", source="tiny test pool (random weights), this project", benchmark="tiny test pool"),
 }

@@ -91,19 +91,33 @@ def test_registered_pool_has_the_real_layout(tmp_path):
     assert isinstance(p.pretrained, VisionTransformer)
 
 
-def test_default_build_shows_the_papers_ordering():
-    """The ordering claim of `nbs/15_mini.ipynb` on the default build (built once, about 2 minutes, into the
-    user cache that `make reproduce` uses; $ADAMERGING_CACHE moves it): individual > layer-wise AdaMerging >
-    Task Arithmetic > pretrained, each margin larger than the spread of layer-wise AdaMerging over three seeds, and
-    layer-wise AdaMerging at least 0.5 points above Task Arithmetic (the first default build led it by 0.08 only)."""
+def adamerging_gain(pool) -> dict:
+    "Average accuracies (%) on `pool`: individual, Task Arithmetic, layer-wise AdaMerging's mean and std over seeds 0-2."
     from adamerging_nb import runs
-    pool = mini_pool(progress=False)
-    _, extras = runs.run_table(pool, ["pretrained", "individual", "task_arithmetic", "lw_adamerging"], seeds=[0, 1, 2],
+    _, extras = runs.run_table(pool, ["individual", "task_arithmetic", "lw_adamerging"], seeds=[0, 1, 2],
                                recipe="paper", device="cpu", progress=False, **mini.RECIPE_OVERRIDES)
     avg = extras["accuracies_by_seed"].groupby(["method", "seed"]).accuracy.mean() * 100
     lw = avg["lw_adamerging"]
-    spread = float(lw.max() - lw.min())
-    order = [float(avg["individual"].mean()), float(lw.mean()), float(avg["task_arithmetic"].mean()), float(avg["pretrained"].mean())]
-    margins = [a - b for a, b in zip(order, order[1:])]
-    assert all(m > spread for m in margins) and margins[1] >= 0.5, \
-        f"average accuracies {order} (individual, lw, TA, pretrained), lw seed spread {spread:.2f}"
+    return {"individual": float(avg["individual"].mean()), "task_arithmetic": float(avg["task_arithmetic"].mean()),
+            "lw_mean": float(lw.mean()), "lw_std": float(lw.std(ddof=1))}
+
+
+def test_default_pool_shows_adamergings_gain():
+    """Issue 19's bar on the default pool (fine-tuned from the shipped encoder once, about 2 minutes, into the user
+    cache that `make reproduce` uses; $ADAMERGING_CACHE moves it): individual > layer-wise AdaMerging > Task Arithmetic,
+    layer-wise AdaMerging (mean of three seeds) at least 3 points above Task Arithmetic and by more than three times
+    its seed standard deviation. The previous miniature fails it: run against that package and its default pool,
+    layer-wise AdaMerging scored 60.65 against Task Arithmetic's 60.12, a margin of 0.52 points."""
+    g = adamerging_gain(mini_pool(progress=False))
+    margin = g["lw_mean"] - g["task_arithmetic"]
+    assert g["individual"] > g["lw_mean"] and margin >= 3 and margin > 3 * g["lw_std"], g
+
+
+@pytest.mark.slow
+def test_make_mini_pretrain_reproduces_the_shipped_encoder(tmp_path):
+    "`make mini-pretrain` (about 6 minutes on one thread) writes the committed encoder and record again, bit for bit."
+    from adamerging_nb.files import sha256_file
+    path = mini.write_encoder(tmp_path)
+    assert sha256_file(path) == mini.encoder_record()["sha256"]
+    assert path.read_bytes() == (mini.files("adamerging_nb") / mini.ENCODER_FILE).read_bytes()
+    assert (tmp_path / "mini_encoder.json").read_text() == (mini.files("adamerging_nb") / "mini_encoder.json").read_text()
