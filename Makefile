@@ -26,7 +26,7 @@ setup: $(BIN)/.installed
 # The main job: every row of the table on the embedded miniature benchmark (CPU; built and cached on the
 # first run), then the figures (the run's, beside the authors') under figures/ as <pool>_*.png/pdf.
 REPRO_POOL ?= mini
-REPRO_ARGS ?= -p eval_every 10
+REPRO_ARGS ?= -p eval_every 20
 FIGURES ?= figures
 reproduce: setup
 	mkdir -p $(RUNS)/$(REPRO_POOL) $(FIGURES)

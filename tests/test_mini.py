@@ -103,7 +103,7 @@ def adamerging_gain(pool) -> dict:
 
 
 def test_default_pool_shows_adamergings_gain():
-    """Issue 19's bar on the default pool (fine-tuned from the shipped encoder once, about 2 minutes, into the user
+    """The target on the default pool (fine-tuned from the shipped encoder once, about 2 minutes, into the user
     cache that `make reproduce` uses; $ADAMERGING_CACHE moves it): individual > layer-wise AdaMerging > Task Arithmetic,
     layer-wise AdaMerging (mean of three seeds) at least 3 points above Task Arithmetic and by more than three times
     its seed standard deviation. The previous miniature fails it: run against that package and its default pool,

@@ -1,6 +1,6 @@
 """Published settings pinned value by value, and the paths that only run at full size exercised at small size.
 
-Each test here guards a slip that the end-to-end tests cannot see (issue 22); `tools/mutants.py` plants those slips.
+Each test here guards a slip that the end-to-end tests cannot see; `tools/mutants.py` plants those slips.
 """
 import inspect, itertools
 from dataclasses import asdict
