@@ -166,7 +166,8 @@ def _short(v) -> str: return (s if len(s := repr(v)) <= 80 else s[:77] + "...")
 
 # %% ../nbs/10_engine.ipynb #7351bc16
 def _gathered_samplers(group: Group, mine: dict) -> dict:
-    "The sampler states of every process's tasks (on the host), for a checkpoint that any number of processes can resume."
+    "The sampler states of every process's tasks (on the host when gathered), for a checkpoint that any number of processes can resume."
+    if group.world == 1: return mine  # nothing to gather: no copies on the hot path
     host = {t: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()} for t, s in mine.items()}
     return {t: s for part in group.gather(host) for t, s in part.items()}
 
