@@ -4,13 +4,14 @@
 
 # %% auto #0
 __all__ = ['SIZE', 'SHAPES', 'TEXTURES', 'HUES', 'COUNTS', 'GLYPHS', 'POSITIONS', 'ANGLES', 'MINI_TASKS', 'SPLITS', 'FORMAT',
-           'RECIPE_OVERRIDES', 'MINI_VIT', 'PRETRAINING', 'ENCODER_FILE', 'shape_mask', 'paste', 'draw_digits',
-           'digit_sources', 'draw_shapes', 'draw_textures', 'draw_colours', 'draw_counting', 'draw_letters',
-           'draw_positions', 'draw_orientation', 'MiniTask', 'task_images', 'MiniConfig', 'small_config',
-           'register_mini_vit', 'mini_encoder', 'deterministic', 'train_loop', 'coarse_labels', 'pretrain',
-           'pretrain_encoder', 'encoder_record', 'shipped_encoder', 'write_encoder', 'class_head', 'finetune',
-           'MiniBuild', 'build_mini', 'mini_folder', 'save_build', 'MiniCacheError', 'load_build', 'pool_from_build',
-           'mini_pool']
+           'RECIPE_OVERRIDES', 'MINI_VIT', 'SCENE_GLYPHS', 'SCENE_SHAPES', 'SCENE_KINDS', 'SCENE_BACKGROUNDS',
+           'SCENE_FACTORS', 'PRETRAINING', 'ENCODER_FILE', 'shape_mask', 'paste', 'draw_digits', 'digit_sources',
+           'draw_shapes', 'draw_textures', 'draw_colours', 'draw_counting', 'draw_letters', 'draw_positions',
+           'draw_orientation', 'MiniTask', 'task_images', 'MiniConfig', 'small_config', 'register_mini_vit',
+           'mini_encoder', 'deterministic', 'warmup_cosine', 'train_loop', 'coarse_labels', 'object_mask', 'draw_scene',
+           'scene_images', 'pretrain', 'pretrain_encoder', 'encoder_record', 'shipped_encoder', 'write_encoder',
+           'class_head', 'finetune', 'MiniBuild', 'build_mini', 'mini_folder', 'save_build', 'MiniCacheError',
+           'load_build', 'pool_from_build', 'mini_pool']
 
 # %% ../nbs/15_mini.ipynb #891a4a27
 import colorsys, hashlib, json, logging, math, os, shutil, time, warnings
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from safetensors.torch import save_file, load_file
+from tqdm.auto import tqdm
 from .files import read_sealed_json, sealed_json, sha256_file, write_folder_atomic
 from .data import TestSet, normalize, OPENAI_MEAN, OPENAI_STD
 from .losses import head_logits
@@ -277,15 +279,17 @@ class MiniConfig:
     n_train: int = 1200  # labelled images per task: heads and fine-tuning
     n_test: int = 400  # test images per task: AdaMerging's unlabeled data and the evaluation
     n_pretrain: int = 3000  # pretraining images per task
+    n_scenes: int = 100_000  # broad pretraining scenes (0: the tasks' pretraining images alone)
+    task_share: float = 0.5  # share of each pretraining minibatch drawn from the tasks' images (the rest: scenes)
     patch_size: int = 8  # ViT patches of patch_size × patch_size pixels on the 32 × 32 images (8: 16 patch tokens)
     width: int = 128  # transformer width
     layers: int = 4  # transformer blocks
     embed_dim: int = 64  # embedding (and head) dimension
     logit_scale: float = 10.0  # temperature of pretraining
     head_scale: float = 30.0  # logit scale of the frozen heads (sharper than pretraining's, as CLIP's 100 is)
-    pretrain_steps: int = 3000
+    pretrain_steps: int = 12_000
     pretrain_batch: int = 64
-    pretrain_lr: float = 3e-3  # AdamW, linear warm-up over 10 % of the steps, cosine decay
+    pretrain_lr: float = 3e-3  # AdamW, linear warm-up over 5 % of the steps, cosine decay
     finetune_steps: int = 220  # per task (about 6 epochs of n_train)
     finetune_batch: int = 32
     finetune_lr: float = 1e-3
@@ -303,7 +307,7 @@ def small_config(
     **overrides,  # any other MiniConfig field
 ) -> MiniConfig:
     "A seconds-sized build for tests: few images, few steps, its own pretraining; real code path, meaningless accuracies."
-    base = dict(n_train=48, n_test=24, n_pretrain=32, pretrain_steps=6, pretrain_batch=16, finetune_steps=3, finetune_batch=8, shipped_encoder=False)
+    base = dict(n_train=48, n_test=24, n_pretrain=32, n_scenes=64, pretrain_steps=6, pretrain_batch=16, finetune_steps=3, finetune_batch=8, shipped_encoder=False)
     return MiniConfig(seed=seed, **{**base, **overrides})
 
 # %% ../nbs/15_mini.ipynb #40017b6f
@@ -350,6 +354,15 @@ def deterministic(threads: int = 1):
     finally:
         torch.set_num_threads(old[0]); torch.use_deterministic_algorithms(old[1], warn_only=old[2])
 
+# %% ../nbs/15_mini.ipynb #f79f3aeb
+def warmup_cosine(
+    step: int,  # 0-based
+    steps: int,  # length of the schedule
+    warm: int,  # warm-up steps (at least 1)
+) -> float:  # factor of the peak learning rate
+    "Linear warm-up to 1 over `warm` steps, then cosine decay to 0 at `steps`."
+    return (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
 # %% ../nbs/15_mini.ipynb #630e2162
 def train_loop(
     model: nn.Module,  # trained in place (and returned in eval mode)
@@ -362,11 +375,9 @@ def train_loop(
 ) -> nn.Module:
     "AdamW with warm-up and cosine decay on random minibatches."
     opt = torch.optim.AdamW([*model.parameters(), *extra], lr=lr, weight_decay=weight_decay)
-    warm = max(1, steps // 10)
     model.train()
     for s in range(steps):
-        f = (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))
-        for g in opt.param_groups: g["lr"] = lr * f
+        for g in opt.param_groups: g["lr"] = lr * warmup_cosine(s, steps, warm=max(1, steps // 10))
         idx = torch.randint(0, len(images), (batch,), generator=gen)
         loss = loss_fn(model(normalize(images[idx])), labels[idx])
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
@@ -383,30 +394,196 @@ def coarse_labels(
         offset += math.ceil(len(MINI_TASKS[t].classes) / 2)
     return out
 
-# %% ../nbs/15_mini.ipynb #da82932a
+# %% ../nbs/15_mini.ipynb #35525153
+SCENE_GLYPHS = {
+    "0": ".###.|#...#|#..##|#.#.#|##..#|#...#|.###.", "1": "..#..|.##..|..#..|..#..|..#..|..#..|.###.",
+    "2": ".###.|#...#|....#|...#.|..#..|.#...|#####", "3": "#####|...#.|..#..|...#.|....#|#...#|.###.",
+    "4": "...#.|..##.|.#.#.|#..#.|#####|...#.|...#.", "5": "#####|#....|####.|....#|....#|#...#|.###.",
+    "6": "..##.|.#...|#....|####.|#...#|#...#|.###.", "7": "#####|....#|...#.|..#..|.#...|.#...|.#...",
+    "8": ".###.|#...#|#...#|.###.|#...#|#...#|.###.", "9": ".###.|#...#|#...#|.####|....#|...#.|.##..",
+    "B": "####.|#...#|#...#|####.|#...#|#...#|####.", "C": ".###.|#...#|#....|#....|#....|#...#|.###.",
+    "D": "####.|#...#|#...#|#...#|#...#|#...#|####.", "G": ".###.|#...#|#....|#.###|#...#|#...#|.###.",
+    "I": ".###.|..#..|..#..|..#..|..#..|..#..|.###.", "J": "..###|...#.|...#.|...#.|...#.|#..#.|.##..",
+    "M": "#...#|##.##|#.#.#|#.#.#|#...#|#...#|#...#", "O": ".###.|#...#|#...#|#...#|#...#|#...#|.###.",
+    "P": "####.|#...#|#...#|####.|#....|#....|#....", "Q": ".###.|#...#|#...#|#...#|#.#.#|#..#.|.##.#",
+    "R": "####.|#...#|#...#|####.|#.#..|#..#.|#...#", "S": ".####|#....|#....|.###.|....#|....#|####.",
+    "U": "#...#|#...#|#...#|#...#|#...#|#...#|.###.", "V": "#...#|#...#|#...#|#...#|#...#|.#.#.|..#..",
+    "W": "#...#|#...#|#...#|#.#.#|#.#.#|#.#.#|.#.#.", "Y": "#...#|#...#|.#.#.|..#..|..#..|..#..|..#..",
+}  # 5 × 7 glyphs of the scenes: digits and the capitals that the letters task does not use
+SCENE_SHAPES = ("pentagon", "hexagon", "ellipse", "bar", "semicircle", "crescent", "arrow", "frame")  # none of SHAPES
+SCENE_KINDS = (*SCENE_SHAPES, *(f"glyph {k}" for k in SCENE_GLYPHS))  # 34 object kinds
+SCENE_BACKGROUNDS = ("grey", "coloured", "gradient", "stripes", "checkerboard", "dots", "grid", "blotches", "noise", "split")
+SCENE_FACTORS = {  # factor -> number of classes; a scene's label is -100 where a factor is undefined
+    "kind": len(SCENE_KINDS),
+    "colour": 9,  # six hue bins, black, grey, white
+    "count": 2,  # one object or several
+    "direction": 4,  # quarter turn the object points to (objects without a mirror or rotational symmetry only)
+    "size": 3,  # small, medium, large (single objects only)
+    "background": len(SCENE_BACKGROUNDS),
+}
+
+# %% ../nbs/15_mini.ipynb #7d33cae1
+def _polygon(n, u, v, r):
+    "Approximate signed distance to a regular n-gon of circumradius r, in frame coordinates."
+    d, th = np.hypot(u, v), np.arctan2(v, u)
+    return r * math.cos(math.pi / n) - d * np.cos((th + math.pi / 2) % (2 * math.pi / n) - math.pi / n)
+
+_SCENE_BITMAPS = {k: np.array([[ch == "#" for ch in row] for row in v.split("|")], np.float32) for k, v in SCENE_GLYPHS.items()}
+
+def object_mask(
+    kind: str,  # one of SCENE_KINDS
+    cx: float, cy: float,  # centre, in pixels
+    r: float,  # radius (half the height for glyphs), in pixels
+    angle: float,  # rotation, radians
+) -> np.ndarray:  # (S, S) float32 coverage in [0, 1]
+    "Soft mask of one object of the broad scenes."
+    if kind.startswith("glyph "): return np.clip(1.3 * paste(_SCENE_BITMAPS[kind[6:]], cx, cy, 2 * r, angle), 0, 1)
+    u, v = _frame(cx, cy, angle)
+    if kind == "pentagon": sd = _polygon(5, u, v, r)
+    elif kind == "hexagon": sd = _polygon(6, u, v, r)
+    elif kind == "ellipse": sd = (1 - np.hypot(u / r, v / (0.5 * r))) * 0.5 * r
+    elif kind == "bar": sd = np.minimum(r - abs(u), 0.22 * r + 0.4 - abs(v))
+    elif kind == "semicircle": sd = np.minimum(r - np.hypot(u, v + 0.25 * r), v + 0.25 * r)
+    elif kind == "crescent": sd = np.minimum(r - np.hypot(u, v), np.hypot(u - 0.45 * r, v) - 0.75 * r)
+    elif kind == "arrow":
+        shaft = np.minimum(np.minimum(u + r, 0.1 * r - u), 0.18 * r + 0.3 - abs(v))
+        head = np.minimum(r - u, np.minimum(u - 0.1 * r, 0.55 * r - abs(v) - 0.6 * (u - 0.1 * r)))
+        sd = np.maximum(shaft, head)
+    elif kind == "frame": sd = np.minimum(0.8 * r - np.maximum(abs(u), abs(v)), np.maximum(abs(u), abs(v)) - 0.45 * r)
+    else: raise ValueError(f"unknown object kind {kind!r}; the scenes draw {SCENE_KINDS}")
+    return _soft(sd).astype(np.float32)
+
+# %% ../nbs/15_mini.ipynb #46b909b7
+def _scene_texture(rng, kind: int) -> np.ndarray:  # (S, S) in [0, 1]
+    "The mask of a patterned background (kind: index into SCENE_BACKGROUNDS[3:])."
+    period, sharp = rng.uniform(3, 10), rng.uniform(1.5, 4)
+    u, v = _frame(rng.uniform(0, SIZE), rng.uniform(0, SIZE), rng.uniform(0, math.pi))
+    f, p = 2 * math.pi / period, period + 2
+    if kind == 0: return np.clip(sharp * np.sin(f * u), -1, 1) * 0.5 + 0.5
+    if kind == 1: return np.clip(2 * sharp * np.sin(f * u) * np.sin(f * v), -1, 1) * 0.5 + 0.5
+    if kind == 2: return _soft(rng.uniform(1.0, 2.2) - np.hypot(u % p - p / 2, v % p - p / 2))
+    if kind == 3:
+        w = rng.uniform(0.5, 1.2)
+        return np.maximum(_soft(w - np.abs(u % p - p / 2)), _soft(w - np.abs(v % p - p / 2)))
+    if kind == 4: return np.clip(sharp * paste(rng.normal(0, 1, (5, 5)), 16, 16, 40, rng.uniform(0, 2 * math.pi)), -1, 1) * 0.5 + 0.5
+    if kind == 5: return rng.random((SIZE, SIZE)).astype(np.float32)
+    return _soft(u)  # two colours split along a random line
+
+def _scene_background(rng) -> tuple[np.ndarray, int]:  # ((3, S, S) float32, class in SCENE_BACKGROUNDS)
+    "A random background of the scenes and its class."
+    b = int(rng.integers(len(SCENE_BACKGROUNDS)))
+    if b == 0: return np.broadcast_to(np.full(3, rng.uniform(0.05, 0.95), np.float32)[:, None, None], (3, SIZE, SIZE)).copy(), b
+    c1 = _hsv(rng.random(), rng.uniform(0.2, 0.8), rng.uniform(0.1, 0.9))
+    if b == 1: return np.broadcast_to(c1[:, None, None], (3, SIZE, SIZE)).copy(), b
+    if b == 2:
+        c2 = _hsv(rng.random(), rng.uniform(0.0, 0.8), rng.uniform(0.1, 0.9))
+        a = rng.uniform(0, 2 * math.pi)
+        g = np.clip((math.cos(a) * (_XX - 16) + math.sin(a) * (_YY - 16)) / 32 + 0.5, 0, 1)
+        return (c1[:, None, None] * (1 - g) + c2[:, None, None] * g).astype(np.float32), b
+    m = _scene_texture(rng, b - 3)
+    c2 = np.clip(c1 + rng.choice([-1, 1]) * rng.uniform(0.15, 0.35), 0, 1).astype(np.float32)  # a low-contrast second colour
+    return (c1[:, None, None] * (1 - m[None]) + c2[:, None, None] * m[None]).astype(np.float32), b
+
+def _scene_colour(rng, bg: np.ndarray) -> tuple[np.ndarray, int]:  # ((3,) float32, class: 6 hue bins, black, grey, white)
+    "An object colour that stands out from the background `bg` (3, S, S), and its class."
+    v0 = float(bg.mean())
+    for _ in range(30):
+        if rng.random() < 0.75:
+            c = _hsv(rng.random(), rng.uniform(0.55, 1.0), rng.uniform(0.5, 1.0))
+            lab = int(round(colorsys.rgb_to_hsv(*[float(v) for v in c])[0] * 6)) % 6
+        else:
+            lab = 6 + int(rng.integers(3))
+            c = np.full(3, [rng.uniform(0.0, 0.12), rng.uniform(0.4, 0.6), rng.uniform(0.88, 1.0)][lab - 6], np.float32)
+        if abs(float(c.mean()) - v0) >= 0.25 or np.abs(c - bg.mean((1, 2))).max() >= 0.45: break
+    return c, lab
+
+# %% ../nbs/15_mini.ipynb #86f090ad
+def draw_scene(
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:  # ((3, S, S) uint8, (len(SCENE_FACTORS),) int64 labels, -100 where undefined)
+    "One broad scene: one to six copies of one object, of one colour, on a random background, with its factor labels."
+    bg, b = _scene_background(rng)
+    kind = int(rng.integers(len(SCENE_KINDS))); name = SCENE_KINDS[kind]
+    count = 1 if rng.random() < 0.5 else int(rng.integers(2, 7))
+    colour, c = _scene_colour(rng, bg)
+    glyph = name.startswith("glyph ")
+    angle = rng.uniform(-math.pi / 3, math.pi / 3) if glyph else rng.uniform(0, 2 * math.pi)  # glyphs stay readable
+    pointing = glyph or name in ("semicircle", "crescent", "arrow")  # no rotational symmetry: the direction is defined
+    size = -100
+    if count == 1:
+        size = int(rng.integers(3))
+        r = rng.uniform(*[(2.5, 4.5), (5.0, 8.0), (8.5, 12.0)][size])
+        m = min(15.5 - r * 0.8, 14.0)
+        mask = object_mask(name, 16 + rng.uniform(-m, m), 16 + rng.uniform(-m, m), r, angle)
+    else:
+        r, pts = rng.uniform(2.2, 3.8), []
+        for _ in range(200):  # up to `count` copies that do not touch
+            if len(pts) == count: break
+            p = rng.uniform(2 + r, SIZE - 2 - r, 2)
+            if all(np.hypot(*(p - q)) > 2 * r + 1.5 for q in pts): pts.append(p)
+        count = len(pts)
+        mask = np.max([object_mask(name, px, py, r, angle) for px, py in pts], axis=0)
+    img = _paint(bg, mask, colour)
+    img = img + rng.normal(0, rng.uniform(0, 0.04), img.shape)
+    direction = int((math.degrees(angle) % 360) / 90) % 4 if pointing else -100
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), np.array([kind, c, int(count > 1), direction, size, b], np.int64)
+
+# %% ../nbs/15_mini.ipynb #b91df57a
+def scene_images(
+    n: int,  # number of scenes
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:  # ((n, 3, S, S) uint8, (n, len(SCENE_FACTORS)) int64)
+    "`n` broad scenes and their factor labels, from one seeded stream."
+    rng = np.random.default_rng([seed, 1919])
+    out = [draw_scene(rng) for _ in range(n)]
+    if not out: return np.zeros((0, 3, SIZE, SIZE), np.uint8), np.zeros((0, len(SCENE_FACTORS)), np.int64)
+    return np.stack([o[0] for o in out]), np.stack([o[1] for o in out])
+
+# %% ../nbs/15_mini.ipynb #9d2ce705
 def pretrain(
     images: dict[str, Tensor],  # task -> (N, 3, S, S) uint8 pretraining images
     labels: dict[str, Tensor],  # task -> (N,) class ids
-    config: MiniConfig = MiniConfig(),
+    scenes: Tensor,  # (M, 3, S, S) uint8 broad scenes (M = 0: the tasks' images alone)
+    scene_labels: Tensor,  # (M, len(SCENE_FACTORS)) int64, -100 where a factor is undefined
+    config: MiniConfig = MiniConfig(),  # architecture, seed, logit_scale, pretrain_*, task_share, weight_decay
+    progress: bool = False,  # tqdm bar with the loss
 ) -> nn.Module:  # the pretrained image encoder
-    "Train a fresh miniature encoder on the coarse-label pretraining mix."
+    "Train a fresh miniature encoder on the pretraining mix: one cosine classifier per scene factor and one for the tasks' coarse labels."
     coarse = coarse_labels({t: y.numpy() for t, y in labels.items()})
     x = torch.cat([images[t] for t in images]); y = torch.from_numpy(np.concatenate([coarse[t] for t in images]))
-    gen = torch.Generator().manual_seed(config.seed)
-    w = nn.Parameter(0.1 * torch.randn(int(y.max()) + 1, config.embed_dim, generator=gen))  # the throw-away classifier
-    loss = lambda f, yb: F.cross_entropy(config.logit_scale * F.normalize(f, dim=-1) @ F.normalize(w, dim=-1).T, yb)
-    return train_loop(mini_encoder(config), loss, x, y, config.pretrain_steps, config.pretrain_batch, config.pretrain_lr,
-                      config.weight_decay, gen, extra=[w])
+    gen, model = torch.Generator().manual_seed(config.seed), mini_encoder(config)
+    n_task = int(round(config.pretrain_batch * config.task_share)) if len(scenes) else config.pretrain_batch
+    ws = [nn.Parameter(0.1 * torch.randn(n, config.embed_dim, generator=gen)) for n in SCENE_FACTORS.values()] if len(scenes) else []
+    wt = nn.Parameter(0.1 * torch.randn(int(y.max()) + 1, config.embed_dim, generator=gen))  # the throw-away classifiers
+    opt = torch.optim.AdamW([*model.parameters(), *ws, wt], lr=config.pretrain_lr, weight_decay=config.weight_decay)
+    cos = lambda e, w: config.logit_scale * e @ F.normalize(w, dim=-1).T
+    model.train()
+    bar = tqdm(range(config.pretrain_steps), desc="pretraining", disable=not progress, mininterval=5)
+    for s in bar:
+        for g in opt.param_groups: g["lr"] = config.pretrain_lr * warmup_cosine(s, config.pretrain_steps, warm=max(1, config.pretrain_steps // 20))
+        idx = torch.randint(0, len(scenes), (config.pretrain_batch - n_task,), generator=gen) if len(scenes) else torch.zeros(0, dtype=torch.long)
+        jdx = torch.randint(0, len(x), (n_task,), generator=gen)
+        e = F.normalize(model(normalize(torch.cat([scenes[idx], x[jdx]]))), dim=-1)
+        ys = scene_labels[idx]
+        loss = sum(F.cross_entropy(cos(e[:len(idx)], w), ys[:, j], ignore_index=-100) for j, w in enumerate(ws) if (ys[:, j] != -100).any())
+        loss = loss + F.cross_entropy(cos(e[len(idx):], wt), y[jdx])
+        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        if s % 50 == 0: bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval()
 
 # %% ../nbs/15_mini.ipynb #10e43107
-PRETRAINING = ("seed", "nuisance", "n_pretrain", "patch_size", "width", "layers", "embed_dim", "logit_scale",
+PRETRAINING = ("seed", "nuisance", "n_pretrain", "n_scenes", "task_share", "patch_size", "width", "layers", "embed_dim", "logit_scale",
                "pretrain_steps", "pretrain_batch", "pretrain_lr", "weight_decay", "threads")  # MiniConfig fields the pretraining reads
 
-def pretrain_encoder(config: MiniConfig = MiniConfig()) -> dict[str, Tensor]:  # state dict of the pretrained encoder
-    "Draw every task's pretraining split and pretrain on it, deterministically."
+def pretrain_encoder(
+    config: MiniConfig = MiniConfig(),
+    progress: bool = False,  # tqdm bar with the loss
+) -> dict[str, Tensor]:  # state dict of the pretrained encoder
+    "Draw the broad scenes and every task's pretraining split, and pretrain on them, deterministically."
     with deterministic(config.threads):
+        scenes = [torch.from_numpy(a) for a in scene_images(config.n_scenes, config.seed)]
         data = {t: [torch.from_numpy(a) for a in task_images(t, config.n_pretrain, "pretrain", config.seed, config.nuisance)] for t in MINI_TASKS}
-        enc = pretrain({t: x for t, (x, _) in data.items()}, {t: y for t, (_, y) in data.items()}, config)
+        enc = pretrain({t: x for t, (x, _) in data.items()}, {t: y for t, (_, y) in data.items()}, *scenes, config, progress)
     return {k: v.detach().clone().contiguous() for k, v in enc.state_dict().items()}
 
 # %% ../nbs/15_mini.ipynb #df82ebb7
@@ -437,7 +614,7 @@ def write_encoder(
     "Pretrain the miniature's encoder and write it with its record: the settings that made it and its SHA-256."
     folder, t0 = Path(folder or files("adamerging_nb")), time.perf_counter()
     path = folder / ENCODER_FILE
-    save_file(pretrain_encoder(config), path)
+    save_file(pretrain_encoder(config, progress=True), path)
     record = {"file": ENCODER_FILE, "sha256": sha256_file(path), "config": {k: getattr(config, k) for k in PRETRAINING}, "torch": torch.__version__}
     path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {path} (sha256 {record['sha256']}) in {time.perf_counter() - t0:.0f} s")
