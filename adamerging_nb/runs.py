@@ -334,7 +334,7 @@ def run_table(
     accs = [ex["accuracies"].assign(seed=seeds[0])] if ex else []
     extras = ex or {"results": {}, "trajectories": {}, "lambdas": {}, "seconds": {}}
     for i, s in enumerate(seeds if ada else []):
-        _, e = run_methods(pool, ada, seed=s, **kwargs)
+        _, e = run_methods(pool, ada, seed=s, **(kwargs if i == 0 else kwargs | {"eval_every": 0}))  # no log to keep: no evaluation
         accs.append(e["accuracies"].assign(seed=s))
         if i == 0:  # trajectories and λ of the first seed go into the run folder
             for k in ("results", "trajectories", "lambdas"): extras[k] |= e[k]
