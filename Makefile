@@ -35,7 +35,7 @@ reproduce: setup
 	@echo "results: $(RUNS)/$(REPRO_POOL)/results.md (and .csv); trajectories: $(RUNS)/$(REPRO_POOL)/lambdas.csv; figures: $(FIGURES)/$(REPRO_POOL)_*"
 
 # The miniature's pretrained encoder, shipped as package data: pretrain it again, deterministically on one thread
-# (about 6 minutes on one core), into adamerging_nb/mini_encoder.safetensors and its record mini_encoder.json
+# (about 18 minutes on one core), into adamerging_nb/mini_encoder.safetensors and its record mini_encoder.json
 # (settings and SHA-256). On the same CPU and library versions the file comes out identical, bit for bit.
 mini-pretrain: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -c "from adamerging_nb.mini import write_encoder; write_encoder()"
