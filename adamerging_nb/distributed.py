@@ -45,6 +45,10 @@ class Group:
         dist.all_gather_object(out, obj)
         return out
 
+    def gather_tasks(self, mine: dict) -> dict:
+        "Every rank's `{task: value}` of its own tasks, merged into one dict on every rank."
+        return {t: v for part in self.gather(mine) for t, v in part.items()}
+
     def check_same(self, what: str, value):
         "Raise on every rank unless every rank holds the same `value` (e.g. a pool's fingerprint)."
         vals = self.gather(value)

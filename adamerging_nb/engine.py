@@ -169,7 +169,7 @@ def _gathered_samplers(group: Group, mine: dict) -> dict:
     "The sampler states of every process's tasks (on the host when gathered), for a checkpoint that any number of processes can resume."
     if group.world == 1: return mine  # nothing to gather: no copies on the hot path
     host = {t: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in s.items()} for t, s in mine.items()}
-    return {t: s for part in group.gather(host) for t, s in part.items()}
+    return group.gather_tasks(host)
 
 def adamerge_fast(
     model: MergedModel,

@@ -118,7 +118,7 @@ def merge_pool(
         with phase("evaluation"):
             enc = m.merge_and_unload().eval()
             got = {t: accuracy(enc, pool.heads[t], sets[t], bf16=bf16, mean=pool.mean, std=pool.std) for t in mine}
-        everyone = {t: a for part in group.gather(got) for t, a in part.items()}
+        everyone = group.gather_tasks(got)
         return [(step, t, everyone[t]) for t in pool.task_names]
     if lambdas is None:
         torch.manual_seed(seed)
@@ -229,7 +229,7 @@ def run_methods(
                                   **(kwargs | ({"group": group} if m in ADAMERGING_METHODS else {})))
         with phase("evaluation"):
             got = evaluate(model, pool, mine, batch_size=eval_batch_size, device=device, bf16=bf16, progress=progress and group.writer, test_sets=sets)
-        everyone = {t: a for part in group.gather(got) for t, a in part.items()}
+        everyone = group.gather_tasks(got)
         acc = {t: everyone[t] for t in pool.task_names}
         rows += [(m, t, a) for t, a in acc.items()]
         if isinstance(res, Tensor): ex["lambdas"][m] = res

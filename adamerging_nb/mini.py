@@ -52,10 +52,12 @@ def _contrast(rng, bg, min_diff=0.35):
 
 def _paint(img, mask, colour): return img * (1 - mask[None]) + colour[:, None, None] * mask[None]
 
-def _finish(rng, img, nuisance):
-    "Add Gaussian noise of random strength and quantise to uint8 (3, S, S)."
-    img = img + rng.normal(0, rng.uniform(0, 0.02 + 0.06 * nuisance), img.shape)
+def _quantise(rng, img, max_noise):
+    "Add Gaussian noise of a random strength up to `max_noise` and quantise to uint8 (3, S, S)."
+    img = img + rng.normal(0, rng.uniform(0, max_noise), img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+def _finish(rng, img, nuisance): return _quantise(rng, img, 0.02 + 0.06 * nuisance)  # the tasks' images: noise grows with the nuisance
 
 def _frame(cx, cy, angle):
     "Canvas coordinates in a frame centred at (cx, cy) and rotated by `angle` radians."
@@ -366,21 +368,24 @@ def warmup_cosine(
 # %% ../nbs/15_mini.ipynb #630e2162
 def train_loop(
     model: nn.Module,  # trained in place (and returned in eval mode)
-    loss_fn: Callable,  # (features (B, D), labels (B,)) -> scalar loss
-    images: Tensor,  # (N, 3, S, S) uint8
-    labels: Tensor,  # (N,) int64
-    steps: int, batch: int, lr: float, weight_decay: float,
-    gen: torch.Generator,  # draws the minibatches
-    extra: Sequence[Tensor] = (),  # more trainable tensors (a pretraining classifier)
+    loss_fn: Callable,  # (features (B, D), targets of the minibatch) -> scalar loss
+    sample: Callable,  # generator -> (images (B, 3, S, S) uint8, targets): one random minibatch
+    steps: int, lr: float, weight_decay: float,
+    gen: torch.Generator,  # passed to `sample`: draws the minibatches
+    extra: Sequence[Tensor] = (),  # more trainable tensors (the pretraining classifiers)
+    warm: int | None = None,  # warm-up steps; default 10 % of `steps`
+    progress: str = "",  # a tqdm bar with this title and the loss ("": none)
 ) -> nn.Module:
     "AdamW with warm-up and cosine decay on random minibatches."
     opt = torch.optim.AdamW([*model.parameters(), *extra], lr=lr, weight_decay=weight_decay)
+    warm = warm or max(1, steps // 10)
     model.train()
-    for s in range(steps):
-        for g in opt.param_groups: g["lr"] = lr * warmup_cosine(s, steps, warm=max(1, steps // 10))
-        idx = torch.randint(0, len(images), (batch,), generator=gen)
-        loss = loss_fn(model(normalize(images[idx])), labels[idx])
+    for s in (bar := tqdm(range(steps), desc=progress, disable=not progress, mininterval=5)):
+        for g in opt.param_groups: g["lr"] = lr * warmup_cosine(s, steps, warm)
+        x, target = sample(gen)
+        loss = loss_fn(model(normalize(x)), target)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        if progress and s % 50 == 0: bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return model.eval()
 
 # %% ../nbs/15_mini.ipynb #7d59753b
@@ -523,10 +528,8 @@ def draw_scene(
             if all(np.hypot(*(p - q)) > 2 * r + 1.5 for q in pts): pts.append(p)
         count = len(pts)
         mask = np.max([object_mask(name, px, py, r, angle) for px, py in pts], axis=0)
-    img = _paint(bg, mask, colour)
-    img = img + rng.normal(0, rng.uniform(0, 0.04), img.shape)
     direction = int((math.degrees(angle) % 360) / 90) % 4 if pointing else -100
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), np.array([kind, c, int(count > 1), direction, size, b], np.int64)
+    return _quantise(rng, _paint(bg, mask, colour), 0.04), np.array([kind, c, int(count > 1), direction, size, b], np.int64)
 
 # %% ../nbs/15_mini.ipynb #b91df57a
 def scene_images(
@@ -555,21 +558,17 @@ def pretrain(
     n_task = int(round(config.pretrain_batch * config.task_share)) if len(scenes) else config.pretrain_batch
     ws = [nn.Parameter(0.1 * torch.randn(n, config.embed_dim, generator=gen)) for n in SCENE_FACTORS.values()] if len(scenes) else []
     wt = nn.Parameter(0.1 * torch.randn(int(y.max()) + 1, config.embed_dim, generator=gen))  # the throw-away classifiers
-    opt = torch.optim.AdamW([*model.parameters(), *ws, wt], lr=config.pretrain_lr, weight_decay=config.weight_decay)
     cos = lambda e, w: config.logit_scale * e @ F.normalize(w, dim=-1).T
-    model.train()
-    bar = tqdm(range(config.pretrain_steps), desc="pretraining", disable=not progress, mininterval=5)
-    for s in bar:
-        for g in opt.param_groups: g["lr"] = config.pretrain_lr * warmup_cosine(s, config.pretrain_steps, warm=max(1, config.pretrain_steps // 20))
-        idx = torch.randint(0, len(scenes), (config.pretrain_batch - n_task,), generator=gen) if len(scenes) else torch.zeros(0, dtype=torch.long)
-        jdx = torch.randint(0, len(x), (n_task,), generator=gen)
-        e = F.normalize(model(normalize(torch.cat([scenes[idx], x[jdx]]))), dim=-1)
-        ys = scene_labels[idx]
-        loss = sum(F.cross_entropy(cos(e[:len(idx)], w), ys[:, j], ignore_index=-100) for j, w in enumerate(ws) if (ys[:, j] != -100).any())
-        loss = loss + F.cross_entropy(cos(e[len(idx):], wt), y[jdx])
-        opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
-        if s % 50 == 0: bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    return model.eval()
+    def sample(g):  # scenes first, then the tasks' images
+        idx = torch.randint(0, len(scenes), (config.pretrain_batch - n_task,), generator=g) if len(scenes) else torch.zeros(0, dtype=torch.long)
+        jdx = torch.randint(0, len(x), (n_task,), generator=g)
+        return torch.cat([scenes[idx], x[jdx]]), (scene_labels[idx], y[jdx])
+    def loss(f, target):
+        (ys, yt), e = target, F.normalize(f, dim=-1)
+        scene = sum(F.cross_entropy(cos(e[:len(ys)], w), ys[:, j], ignore_index=-100) for j, w in enumerate(ws) if (ys[:, j] != -100).any())
+        return scene + F.cross_entropy(cos(e[len(ys):], wt), yt)
+    return train_loop(model, loss, sample, config.pretrain_steps, config.pretrain_lr, config.weight_decay, gen, extra=[*ws, wt],
+                      warm=max(1, config.pretrain_steps // 20), progress="pretraining" if progress else "")
 
 # %% ../nbs/15_mini.ipynb #10e43107
 PRETRAINING = ("seed", "nuisance", "n_pretrain", "n_scenes", "task_share", "patch_size", "width", "layers", "embed_dim", "logit_scale",
@@ -650,8 +649,8 @@ def finetune(
     import copy
     model, head = copy.deepcopy(pretrained), head.detach()
     loss = lambda f, yb: F.cross_entropy(head_logits(f, head), yb)
-    return train_loop(model, loss, images, labels, config.finetune_steps, config.finetune_batch, config.finetune_lr,
-                      config.weight_decay, torch.Generator().manual_seed(seed))
+    def sample(g): idx = torch.randint(0, len(images), (config.finetune_batch,), generator=g); return images[idx], labels[idx]
+    return train_loop(model, loss, sample, config.finetune_steps, config.finetune_lr, config.weight_decay, torch.Generator().manual_seed(seed))
 
 # %% ../nbs/15_mini.ipynb #b3382483
 @dataclass
